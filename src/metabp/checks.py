@@ -1,0 +1,37 @@
+"""Argument validation shared by the library: every bad value raises a
+``ValueError`` that names the argument, its value and what is allowed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+def positive_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an integer >= 1, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (>= 1), got {value!r}")
+    return value
+
+
+def nonnegative_int(name: str, value: Any) -> int:
+    """Return ``value`` if it is an integer >= 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer (>= 0), got {value!r}")
+    return value
+
+
+def positive_float(name: str, value: Any) -> float:
+    """Return ``float(value)`` if it is a finite number > 0, else raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def one_of(name: str, value: Any, allowed: tuple) -> Any:
+    """Return ``value`` if it is one of ``allowed``, else raise ``ValueError``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+    return value

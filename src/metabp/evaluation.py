@@ -1,0 +1,95 @@
+"""Evaluation: adapt to held-out tasks and report mean and 95% confidence interval."""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .bilevel import InnerLoop, Params, forward, get_params, inner_step
+from .tasks import TaskBatch, check_task_batch
+
+METRICS = ("loss", "accuracy")
+
+
+def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the normal-approximation confidence interval.
+
+    ``half = z * std / sqrt(n)`` with ``z = 1.96`` for 95%. Returns ``(mean, half)``.
+    """
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    v = torch.as_tensor(values, dtype=torch.float64).flatten()
+    if v.numel() < 2:
+        raise ValueError(f"values must hold at least 2 numbers for an interval, got {v.numel()}")
+    z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2, dtype=torch.float64))
+    return v.mean().item(), (z * v.std(unbiased=True) / math.sqrt(v.numel())).item()
+
+
+def _score(model: nn.Module, params: Params, x: Tensor, y: Tensor, inner: InnerLoop, metric: str) -> Tensor:
+    out = forward(model, params, x)
+    if metric == "accuracy":
+        return (out.argmax(-1) == y).float().mean()
+    return inner.loss_fn(out, y)
+
+
+def adaptation_curve(
+    model: nn.Module,
+    batch: TaskBatch,
+    inner: InnerLoop,
+    steps: Sequence[int],
+    metric: str = "loss",
+    params: Params | None = None,
+    lrs: Mapping[str, Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Query metric of every task after each number of inner steps in ``steps``.
+
+    Args:
+        model: the network (evaluated at ``params``, default its own parameters).
+        batch: held-out tasks, ``B`` of them.
+        inner: inner-loop settings (its ``inner_steps`` is ignored: ``steps`` rules).
+        steps: non-decreasing step counts to report, e.g. ``[0, 1, 5, 10]``.
+        metric: 'loss' (the inner loss on the query set) or 'accuracy'.
+        chunk_size: tasks per ``vmap`` chunk, to bound memory.
+
+    Returns:
+        Tensor of shape ``(len(steps), B)``.
+    """
+    check_task_batch(batch)
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    steps = list(steps)
+    if not steps or any((not isinstance(s, int)) or s < 0 for s in steps) or steps != sorted(steps):
+        raise ValueError(f"steps must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
+    params = {k: v.detach() for k, v in (get_params(model) if params is None else params).items()}
+    lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
+    eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt)
+
+    def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
+        p, done, out = params, 0, []
+        for s in steps:
+            for _ in range(s - done):
+                p = inner_step(model, p, x_spt, y_spt, eval_inner, lrs)
+            done = s
+            out.append(_score(model, p, x_qry, y_qry, inner, metric))
+        return torch.stack(out)
+
+    with torch.no_grad():
+        return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
+
+
+def evaluate(
+    model: nn.Module,
+    batch: TaskBatch,
+    inner: InnerLoop,
+    steps: Sequence[int],
+    metric: str = "loss",
+    **kwargs,
+) -> dict[int, tuple[float, float]]:
+    """``{steps: (mean, 95% half-width)}`` of the query metric over the tasks in ``batch``."""
+    curve = adaptation_curve(model, batch, inner, steps, metric, **kwargs)
+    return {s: mean_ci(curve[i]) for i, s in enumerate(steps)}

@@ -1,0 +1,183 @@
+"""Task families: each samples a meta-batch of tasks as support and query sets.
+
+A meta-batch is a :class:`TaskBatch` of four tensors with a leading task
+dimension ``B``: ``x_spt`` ``(B, K, ...)``, ``y_spt`` ``(B, K, ...)``,
+``x_qry`` ``(B, Q, ...)``, ``y_qry`` ``(B, Q, ...)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .checks import positive_int
+
+
+class TaskBatch(NamedTuple):
+    """A meta-batch of tasks: support and query sets with a leading task dimension."""
+
+    x_spt: Tensor
+    y_spt: Tensor
+    x_qry: Tensor
+    y_qry: Tensor
+
+    @property
+    def num_tasks(self) -> int:
+        return self.x_spt.shape[0]
+
+    def task(self, i: int) -> "TaskBatch":
+        """Task ``i`` alone, still with a task dimension of size 1."""
+        return TaskBatch(*(t[i : i + 1] for t in self))
+
+    def to(self, *args, **kwargs) -> "TaskBatch":
+        return TaskBatch(*(t.to(*args, **kwargs) for t in self))
+
+
+def check_task_batch(batch: TaskBatch) -> TaskBatch:
+    """Validate the shapes of a :class:`TaskBatch`; raise ``ValueError`` naming the bad tensor."""
+    if len(batch) != 4:
+        raise ValueError(f"batch must hold 4 tensors (x_spt, y_spt, x_qry, y_qry), got {len(batch)}")
+    names = ("x_spt", "y_spt", "x_qry", "y_qry")
+    for name, t in zip(names, batch):
+        if not isinstance(t, Tensor) or t.dim() < 2:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a tensor of shape (tasks, examples, ...), got {shape}")
+    b = batch.x_spt.shape[0]
+    for name, t in zip(names, batch):
+        if t.shape[0] != b:
+            raise ValueError(f"{name} has {t.shape[0]} tasks but x_spt has {b}; all four must agree")
+    if batch.x_spt.shape[1] != batch.y_spt.shape[1]:
+        raise ValueError(
+            f"x_spt has {batch.x_spt.shape[1]} examples per task but y_spt has {batch.y_spt.shape[1]}"
+        )
+    if batch.x_qry.shape[1] != batch.y_qry.shape[1]:
+        raise ValueError(
+            f"x_qry has {batch.x_qry.shape[1]} examples per task but y_qry has {batch.y_qry.shape[1]}"
+        )
+    if batch.x_spt.shape[2:] != batch.x_qry.shape[2:]:
+        raise ValueError(
+            f"x_spt examples have shape {tuple(batch.x_spt.shape[2:])} but x_qry examples have "
+            f"{tuple(batch.x_qry.shape[2:])}; they must match"
+        )
+    return batch
+
+
+class SinusoidTasks:
+    """The sinusoid regression family of MAML (Finn et al., 2017, section 5.1).
+
+    A task is ``y = A sin(x - phase)`` with amplitude ``A ~ U[0.1, 5.0]``,
+    phase ``~ U[0, pi]`` and inputs ``x ~ U[-5, 5]``. Ranges can be moved to make
+    out-of-distribution tasks (the domain-shift experiments of later chapters).
+
+    Args:
+        shots: K, support points per task.
+        queries: query points per task.
+        amplitude: ``(low, high)`` of the uniform amplitude distribution.
+        phase: ``(low, high)`` of the uniform phase distribution.
+        x_range: ``(low, high)`` of the uniform input distribution.
+    """
+
+    def __init__(
+        self,
+        shots: int = 10,
+        queries: int = 10,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+    ) -> None:
+        self.shots = positive_int("shots", shots)
+        self.queries = positive_int("queries", queries)
+        for name, (lo, hi) in (("amplitude", amplitude), ("phase", phase), ("x_range", x_range)):
+            if not lo <= hi:
+                raise ValueError(f"{name} must be a (low, high) pair with low <= high, got {(lo, hi)}")
+        self.amplitude = amplitude
+        self.phase = phase
+        self.x_range = x_range
+
+    def __repr__(self) -> str:
+        return (
+            f"SinusoidTasks(shots={self.shots}, queries={self.queries}, amplitude={self.amplitude}, "
+            f"phase={self.phase}, x_range={self.x_range})"
+        )
+
+    @staticmethod
+    def _uniform(shape, bounds, generator, dtype) -> Tensor:
+        lo, hi = bounds
+        return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+
+    def sample_functions(
+        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``num_tasks`` amplitudes and phases, each of shape ``(num_tasks, 1, 1)``."""
+        positive_int("num_tasks", num_tasks)
+        amp = self._uniform((num_tasks, 1, 1), self.amplitude, generator, dtype)
+        phase = self._uniform((num_tasks, 1, 1), self.phase, generator, dtype)
+        return amp, phase
+
+    def sample(
+        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32
+    ) -> TaskBatch:
+        """Sample a meta-batch.
+
+        Returns:
+            :class:`TaskBatch` with ``x_spt, y_spt`` of shape ``(num_tasks, shots, 1)`` and
+            ``x_qry, y_qry`` of shape ``(num_tasks, queries, 1)``.
+        """
+        amp, phase = self.sample_functions(num_tasks, generator, dtype)
+        x = self._uniform((num_tasks, self.shots + self.queries, 1), self.x_range, generator, dtype)
+        y = amp * torch.sin(x - phase)
+        return TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :])
+
+    def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
+        return self.sample(num_tasks, generator)
+
+
+class BlobTasks:
+    """Synthetic N-way K-shot classification: Gaussian blobs around random class centres.
+
+    A task draws ``ways`` centres from ``N(0, spread^2 I)`` in ``dim`` dimensions and
+    labels ``0 .. ways-1`` (the centres are random, so a label says nothing across tasks); each example is its class centre plus
+    ``N(0, noise^2 I)``. Small and fast: the right size to run the article's
+    classification listing (a two-layer MLP with cross-entropy) on a laptop.
+
+    Args:
+        ways: N, classes per task (>= 2).
+        shots: K, support examples per class.
+        queries: query examples per class.
+        dim: input dimension.
+        spread: standard deviation of the class centres.
+        noise: standard deviation of the examples around their centre.
+    """
+
+    def __init__(
+        self, ways: int = 5, shots: int = 1, queries: int = 15, dim: int = 16,
+        spread: float = 1.0, noise: float = 0.5,
+    ) -> None:
+        if isinstance(ways, bool) or not isinstance(ways, int) or ways < 2:
+            raise ValueError(f"ways must be an integer >= 2 (a task needs two classes), got {ways!r}")
+        self.ways = ways
+        self.shots = positive_int("shots", shots)
+        self.queries = positive_int("queries", queries)
+        self.dim = positive_int("dim", dim)
+        if not spread > 0 or not noise > 0:
+            raise ValueError(f"spread and noise must be > 0, got spread={spread!r}, noise={noise!r}")
+        self.spread, self.noise = float(spread), float(noise)
+
+    def sample(
+        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32
+    ) -> TaskBatch:
+        """``x_spt (B, ways*shots, dim)``, ``y_spt (B, ways*shots)`` int64, likewise for queries."""
+        positive_int("num_tasks", num_tasks)
+        n, k, q = self.ways, self.shots, self.queries
+        centres = self.spread * torch.randn(num_tasks, n, 1, self.dim, generator=generator, dtype=dtype)
+        points = centres + self.noise * torch.randn(num_tasks, n, k + q, self.dim, generator=generator, dtype=dtype)
+        labels = torch.arange(n).view(1, n, 1).expand(num_tasks, n, k + q)
+        x_spt, x_qry = points[:, :, :k].flatten(1, 2), points[:, :, k:].flatten(1, 2)
+        y_spt, y_qry = labels[:, :, :k].flatten(1, 2), labels[:, :, k:].flatten(1, 2)
+        return TaskBatch(x_spt, y_spt, x_qry, y_qry)
+
+    def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
+        return self.sample(num_tasks, generator)

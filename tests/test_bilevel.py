@@ -1,0 +1,111 @@
+"""The bilevel core against closed forms, finite differences and itself."""
+
+import pytest
+import torch
+from torch import nn
+
+from metabp.bilevel import InnerLoop, get_params, meta_gradient, meta_loss, meta_step, make_optimizer
+from metabp.closed_form import closed_form_meta_gradient
+from metabp.models import MetaLearner, SineNet
+from metabp.tasks import SinusoidTasks, TaskBatch
+
+
+def linear_tasks(num_tasks=3, shots=6, queries=7, dim=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w_true = torch.randn(num_tasks, dim, 1, generator=g, dtype=torch.float64)
+    xs = torch.randn(num_tasks, shots, dim, generator=g, dtype=torch.float64)
+    xq = torch.randn(num_tasks, queries, dim, generator=g, dtype=torch.float64)
+    noise = lambda n: 0.1 * torch.randn(num_tasks, n, 1, generator=g, dtype=torch.float64)
+    return TaskBatch(xs, xs @ w_true + noise(shots), xq, xq @ w_true + noise(queries))
+
+
+def linear_model(dim=4, seed=1):
+    torch.manual_seed(seed)
+    return nn.Linear(dim, 1, bias=False).double()
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_meta_gradient_matches_closed_form(steps, vectorize):
+    batch, model, alpha = linear_tasks(), linear_model(), 0.05
+    inner = InnerLoop("mse", inner_lr=alpha, inner_steps=steps)
+    got = meta_gradient(model, batch, inner, vectorize=vectorize)["weight"].T
+    want = closed_form_meta_gradient(model.weight.detach().T, batch, alpha, steps)
+    assert torch.allclose(got, want, atol=1e-10, rtol=0), (got - want).abs().max()
+    # and the derivative is not trivially the first-order one
+    fo = closed_form_meta_gradient(model.weight.detach().T, batch, alpha, steps, first_order=True)
+    assert (fo - want).abs().max() > 1e-4
+
+
+def test_first_order_drops_exactly_the_hessian_term():
+    batch, model, alpha = linear_tasks(), linear_model(), 0.05
+    for steps in (1, 2, 3):
+        inner = InnerLoop("mse", inner_lr=alpha, inner_steps=steps, first_order=True)
+        got = meta_gradient(model, batch, inner)["weight"].T
+        want = closed_form_meta_gradient(model.weight.detach().T, batch, alpha, steps, first_order=True)
+        assert torch.allclose(got, want, atol=1e-10, rtol=0)
+
+
+def test_first_and_second_order_differ_on_a_nonlinear_model():
+    torch.manual_seed(0)
+    model = SineNet().double()
+    batch = SinusoidTasks(shots=10, queries=10).sample(4, torch.Generator().manual_seed(0), torch.float64)
+    so = meta_gradient(model, batch, InnerLoop("mse", 0.01, 1))
+    fo = meta_gradient(model, batch, InnerLoop("mse", 0.01, 1, first_order=True))
+    diff = max((so[k] - fo[k]).abs().max().item() for k in so)
+    scale = max(so[k].abs().max().item() for k in so)
+    assert diff > 1e-3 * scale
+
+
+def test_meta_loss_passes_gradcheck():
+    torch.manual_seed(0)
+    model = MetaLearner(1, 6, 1).double()
+    batch = SinusoidTasks(shots=5, queries=5).sample(2, torch.Generator().manual_seed(3), torch.float64)
+    inner = InnerLoop("mse", inner_lr=0.05, inner_steps=2)
+    names = [n for n, _ in model.named_parameters()]
+    start = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+
+    def f(*tensors):
+        return meta_loss(model, dict(zip(names, tensors)), batch, inner)
+
+    assert torch.autograd.gradcheck(f, start, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_vmap_equals_loop(first_order):
+    torch.manual_seed(0)
+    model = SineNet()
+    batch = SinusoidTasks().sample(8, torch.Generator().manual_seed(1))
+    inner = InnerLoop("mse", 0.01, 3, first_order=first_order)
+    loop = meta_gradient(model, batch, inner, vectorize=False)
+    vec = meta_gradient(model, batch, inner, vectorize=True)
+    for k in loop:
+        assert torch.allclose(loop[k], vec[k], atol=1e-6, rtol=1e-5), k
+
+
+def test_anil_adapts_only_the_head_and_still_trains_the_body():
+    torch.manual_seed(0)
+    model = SineNet().double()
+    batch = SinusoidTasks().sample(4, torch.Generator().manual_seed(1), torch.float64)
+    anil = InnerLoop("mse", 0.01, 1, adapt=("net.4",))
+    from metabp.bilevel import adapt
+
+    params = get_params(model)
+    new = adapt(model, params, batch.x_spt[0], batch.y_spt[0], anil)
+    assert all(new[k] is params[k] for k in params if not k.startswith("net.4"))
+    assert not torch.equal(new["net.4.weight"], params["net.4.weight"])
+    g = meta_gradient(model, batch, anil)
+    assert g["net.0.weight"].abs().max() > 0  # the body gets a meta-gradient through the query loss
+
+
+def test_meta_step_moves_parameters_and_lowers_loss():
+    torch.manual_seed(0)
+    model = SineNet()
+    gen = torch.Generator().manual_seed(0)
+    batch = SinusoidTasks().sample(25, gen)
+    inner = InnerLoop("mse", 0.01, 1)
+    opt = make_optimizer(model.parameters(), 1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = [meta_step(model, opt, batch, inner) for _ in range(30)]
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert losses[-1] < losses[0]
