@@ -3,6 +3,7 @@
 #   make book   (default) install .venv if needed, render the book to _build/html
 #   make test   unit tests, nbval over every notebook, then a strict book build
 #   make venv   create/refresh .venv from requirements.txt and pyproject.toml
+#   make notebooks  re-execute the chapters in place (NB=path for one)
 #   make clean  remove _build
 
 PYTHON ?= python3
@@ -16,7 +17,7 @@ JB_FLAGS      := -W -n --keep-going
 NBVAL_WORKERS ?= 2
 
 .DEFAULT_GOAL := book
-.PHONY: venv book test clean
+.PHONY: venv book test notebooks clean
 
 venv: $(STAMP)
 
@@ -43,13 +44,28 @@ book: venv
 # env -u MPLBACKEND: .ci/run exports MPLBACKEND=Agg for headless unit tests, but a
 # kernel started with it keeps Agg instead of the inline backend, so figures would
 # vanish from the fresh outputs and every cell that draws one would fail.
+# OMP_NUM_THREADS=1: NBVAL_WORKERS kernels share the cores, one thread each. Two
+# kernels with two threads each on two cores oversubscribe them, which slows
+# small torch operations many times over; and the stored outputs are made with
+# the same setting (`make notebooks`), so floating-point reductions match.
+NB_ENV := env -u MPLBACKEND OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: venv
 	$(BIN)/python -m pytest tests
-	env -u MPLBACKEND $(BIN)/python -m pytest --nbval notebooks --nbval-current-env \
+	$(NB_ENV) $(BIN)/python -m pytest --nbval notebooks --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	    -n $(NBVAL_WORKERS) --dist loadscope
 	rm -rf _build
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
+
+# Re-execute chapters in place, as `make test` will check them: NB=notebooks/03_algorithm.ipynb
+# for one, all of them by default.
+NB ?= notebooks/*.ipynb
+notebooks: venv
+	for nb in $(NB); do \
+	    $(NB_ENV) $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	        --ExecutePreprocessor.timeout=1200 --ExecutePreprocessor.record_timing=False $$nb || exit 1; \
+	done
 
 clean:
 	rm -rf _build

@@ -109,3 +109,32 @@ def test_meta_step_moves_parameters_and_lowers_loss():
     losses = [meta_step(model, opt, batch, inner) for _ in range(30)]
     assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
     assert losses[-1] < losses[0]
+
+
+def test_functional_meta_gradient_equals_autograd_one():
+    from metabp.bilevel import meta_gradient_fn
+
+    torch.manual_seed(0)
+    model = SineNet().double()
+    batch = SinusoidTasks().sample(6, torch.Generator().manual_seed(4), torch.float64)
+    inner = InnerLoop("mse", 0.01, 2)
+    want = meta_gradient(model, batch, inner)
+    params = {k: v.detach() for k, v in get_params(model).items()}
+    got, loss = meta_gradient_fn(model, inner)(params, tuple(batch))
+    assert torch.isclose(loss, meta_loss(model, get_params(model), batch, inner))
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-12), k
+
+
+def test_compiled_meta_training_follows_the_eager_run():
+    from metabp.training import meta_train
+
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        model = SineNet(hidden=8)
+        meta_train(model, SinusoidTasks(), InnerLoop("mse", 0.01, 1), iterations=3,
+                   meta_batch_size=4, meta_lr=0.01, compile=compile, progress=False)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*runs):
+        assert torch.allclose(a, b, atol=1e-5)

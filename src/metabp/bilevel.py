@@ -11,8 +11,12 @@ Every variant is a small change of one piece:
 
 * first-order MAML: the inner gradient is detached (``InnerLoop.first_order``);
 * ANIL (Raghu et al., 2020): only some parameters adapt (``InnerLoop.adapt``);
-* Meta-SGD (Li et al., 2017): per-parameter learning rates (``lrs`` argument);
+* Meta-SGD (Li et al., 2017): per-parameter learning rates (``lrs`` argument,
+  created by :func:`init_lrs`);
 * other task types: any ``loss`` (MSE, cross-entropy, or a callable).
+
+Reptile and implicit MAML, which compute their meta-updates differently, live
+in :mod:`metabp.variants` and reuse the inner step defined here.
 
 The loss over a meta-batch is either a Python loop over tasks or one
 ``torch.func.vmap`` call (``vectorize=True``); both give the same numbers.
@@ -26,7 +30,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .checks import nonnegative_int, positive_float
 from .tasks import TaskBatch, check_task_batch
@@ -149,6 +153,27 @@ def inner_step(
     return new
 
 
+def init_lrs(model: nn.Module, value: float, inner: InnerLoop | None = None) -> Params:
+    """Learnable per-parameter inner step sizes for Meta-SGD (Li et al., 2017).
+
+    One tensor shaped like each adapted parameter, filled with ``value`` and
+    requiring grad, to pass as ``lrs`` to :func:`meta_loss`, :func:`meta_step` or
+    :func:`metabp.training.meta_train` (which adds them to the outer optimiser).
+    The meta-gradient then reaches the step sizes as well as the initialisation.
+
+    Args:
+        model: the network.
+        value: initial step size of every entry (MAML's ``inner_lr`` is a natural start).
+        inner: if given, only the parameters that ``inner`` adapts get a step size.
+    """
+    positive_float("value", value)
+    return {
+        name: torch.full_like(p.detach(), value).requires_grad_(True)
+        for name, p in model.named_parameters()
+        if inner is None or inner.adapts(name)
+    }
+
+
 def adapt(
     model: nn.Module,
     params: Params,
@@ -261,3 +286,29 @@ def make_optimizer(
     if name not in optimizers:
         raise ValueError(f"optimizer must be one of {tuple(optimizers)}, got {name!r}")
     return optimizers[name](params, lr=meta_lr)
+
+
+def meta_gradient_fn(
+    model: nn.Module, inner: InnerLoop, vectorize: bool = True, compile: bool = False
+) -> Callable[[Params, TaskBatch], tuple[Params, Tensor]]:
+    """A pure function ``(params, batch) -> (meta-gradient dict, meta-loss)``.
+
+    The whole meta-gradient, outer derivative included, is one ``torch.func``
+    transform (``grad_and_value`` of :func:`meta_loss`), so it can be handed to
+    ``torch.compile``. Compiling costs tens of seconds once and then removes most of
+    the Python and dispatcher overhead that dominates small models such as the
+    sinusoid network. ``params`` must not require grad (pass detached tensors).
+    """
+
+    def loss(params: Params, batch: TaskBatch) -> Tensor:
+        return meta_loss(model, params, TaskBatch(*batch), inner, vectorize)
+
+    fn = grad_and_value(loss)
+    if compile:
+        import logging
+
+        # torch's C++-extension helper logs a harmless "No CUDA runtime is found"
+        # warning on CPU-only machines the first time inductor loads it.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+        fn = torch.compile(fn)
+    return fn

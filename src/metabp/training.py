@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .bilevel import InnerLoop, make_optimizer, meta_step
+from .bilevel import InnerLoop, get_params, make_optimizer, meta_gradient_fn, meta_step
 from .checks import positive_float, positive_int
 from .tasks import TaskBatch
 
@@ -64,6 +64,8 @@ def meta_train(
     optimizer: str = "adam",
     cosine: bool = False,
     lrs: Mapping[str, Tensor] | None = None,
+    compile: bool = False,
+    step: Callable[[nn.Module, torch.optim.Optimizer, TaskBatch], float] | None = None,
     progress: bool = True,
     desc: str = "meta-training",
 ) -> History:
@@ -82,6 +84,12 @@ def meta_train(
         optimizer: outer optimiser name ('adam' by default).
         cosine: decay the meta learning rate to zero along a cosine.
         lrs: Meta-SGD step sizes to meta-learn alongside (added to the optimiser).
+        compile: compute the meta-gradient with a ``torch.compile``-d pure function
+            (:func:`~metabp.bilevel.meta_gradient_fn`); same numbers, much less
+            overhead for small models, tens of seconds of compilation first.
+        step: ``step(model, optimizer, batch) -> loss`` replaces the MAML meta-step,
+            for the algorithms of :mod:`metabp.variants` (Reptile, implicit MAML);
+            ``inner``, ``vectorize``, ``lrs`` and ``compile`` are then up to ``step``.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -94,11 +102,26 @@ def meta_train(
     groups = list(model.parameters()) + ([] if lrs is None else list(lrs.values()))
     opt = make_optimizer(groups, meta_lr, optimizer)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations) if cosine else None
+    if step is not None and (compile or lrs is not None):
+        raise ValueError("step replaces the MAML meta-step; pass compile=False and lrs=None with it")
+    if compile and lrs is not None:
+        raise ValueError("compile=True does not support lrs (Meta-SGD); pass compile=False")
+    grad_fn = meta_gradient_fn(model, inner, vectorize, compile=True) if compile else None
     history = History()
     start = time.perf_counter()
-    for _ in tqdm(range(iterations), desc=desc, disable=not progress, mininterval=1.0):
+    for _ in tqdm(range(iterations), desc=desc, disable=not progress, mininterval=5.0):
         batch = sample(meta_batch_size, generator)
-        history.loss.append(meta_step(model, opt, batch, inner, vectorize, lrs))
+        if step is not None:
+            history.loss.append(step(model, opt, batch))
+        elif grad_fn is None:
+            history.loss.append(meta_step(model, opt, batch, inner, vectorize, lrs))
+        else:
+            params = get_params(model)
+            grads, loss = grad_fn({k: v.detach() for k, v in params.items()}, tuple(batch))
+            for k, p in params.items():
+                p.grad = grads[k]
+            opt.step()
+            history.loss.append(loss.item())
         if sched is not None:
             sched.step()
     history.seconds = time.perf_counter() - start
@@ -131,7 +154,7 @@ def pretrain(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     history = History()
     start = time.perf_counter()
-    for _ in tqdm(range(iterations), desc=desc, disable=not progress, mininterval=1.0):
+    for _ in tqdm(range(iterations), desc=desc, disable=not progress, mininterval=5.0):
         b = sample(batch_size, generator)
         x = torch.cat([b.x_spt, b.x_qry], 1).flatten(0, 1)
         y = torch.cat([b.y_spt, b.y_qry], 1).flatten(0, 1)

@@ -1,0 +1,147 @@
+"""What a meta-step costs: wall time, and the memory its autograd graph keeps.
+
+Time is measured with :func:`time_call` (median of repeated calls after a
+warm-up). Memory is measured as the bytes of the tensors that autograd saves
+for the backward pass, counted with ``torch.autograd.graph.saved_tensors_hooks``
+by :class:`SavedTensorMeter`: unlike process-level memory readings this is
+exact, deterministic and independent of the allocator.
+
+``torch.func`` transforms (which :mod:`metabp.bilevel` uses) refuse to run
+while saved-tensor hooks are installed, so :func:`meta_loss_autograd` computes
+the same meta-loss with plain ``torch.autograd.grad(..., create_graph=True)``;
+a test checks that its value and gradient equal :func:`metabp.bilevel.meta_loss`.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import weakref
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .bilevel import InnerLoop, Params, forward
+from .checks import nonnegative_int, positive_int
+from .tasks import TaskBatch, check_task_batch
+
+
+def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``fn()`` in seconds, over ``repeats`` calls after ``warmup`` calls."""
+    positive_int("repeats", repeats)
+    nonnegative_int("warmup", warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class _Saved:
+    """A tensor saved for backward, wrapped so that its release can be observed."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor = tensor
+
+
+class SavedTensorMeter:
+    """Count the bytes autograd saves for backward while the context is active.
+
+    Every tensor an operation saves for its backward pass goes through a pack
+    hook. The meter counts each underlying storage once, however many operations
+    save it, and forgets it when the graph that saved it is freed (after
+    ``backward()``, or when the graph is dropped). Storages of ``ignore`` tensors
+    (typically the model's parameters, which exist anyway) are not counted.
+
+    Attributes (bytes):
+        live_bytes: held by the graphs built inside the context that are still alive.
+        peak_bytes: the largest ``live_bytes`` seen.
+        total_bytes: everything ever saved (a storage counted again if saved again after release).
+
+    Example::
+
+        with SavedTensorMeter(ignore=model.parameters()) as meter:
+            loss = model(x).pow(2).mean()
+        meter.live_bytes  # what backward() will need
+    """
+
+    def __init__(self, ignore: Iterable[Tensor] = ()) -> None:
+        self._ignore = {t.untyped_storage().data_ptr() for t in ignore}
+        self._count: dict[int, int] = {}
+        self._bytes: dict[int, int] = {}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self.total_bytes = 0
+        self._hooks: torch.autograd.graph.saved_tensors_hooks | None = None
+
+    def _pack(self, tensor: Tensor) -> Any:
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self._ignore or storage.nbytes() == 0:
+            return tensor
+        self._count[key] = self._count.get(key, 0) + 1
+        if self._count[key] == 1:
+            self._bytes[key] = storage.nbytes()
+            self.live_bytes += storage.nbytes()
+            self.total_bytes += storage.nbytes()
+            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+        handle = _Saved(tensor)
+        weakref.finalize(handle, self._release, key)
+        return handle
+
+    @staticmethod
+    def _unpack(packed: Any) -> Tensor:
+        return packed.tensor if isinstance(packed, _Saved) else packed
+
+    def _release(self, key: int) -> None:
+        self._count[key] -= 1
+        if self._count[key] == 0:
+            del self._count[key]
+            self.live_bytes -= self._bytes.pop(key)
+
+    def __enter__(self) -> "SavedTensorMeter":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        assert self._hooks is not None
+        self._hooks.__exit__(*exc)
+        self._hooks = None
+
+
+def graph_bytes(fn: Callable[[], Tensor], ignore: Iterable[Tensor] = ()) -> int:
+    """Bytes saved for backward by the graph of ``fn()``'s result, while that result is alive."""
+    with SavedTensorMeter(ignore) as meter:
+        out = fn()
+    live = meter.live_bytes
+    del out
+    return live
+
+
+def meta_loss_autograd(model: nn.Module, params: Params, batch: TaskBatch, inner: InnerLoop) -> Tensor:
+    """:func:`metabp.bilevel.meta_loss` written with ``torch.autograd.grad`` instead of ``torch.func``.
+
+    Same value and same gradient (tested), but it builds an ordinary autograd graph
+    and so runs under :class:`SavedTensorMeter`. Second order: the inner gradients
+    are taken with ``create_graph=True``; first order (``inner.first_order``): without,
+    so they enter the outer graph as constants. Tasks are processed in a Python loop.
+    """
+    check_task_batch(batch)
+    loss_fn = inner.loss_fn
+    losses = []
+    for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+        p = dict(params)
+        for _ in range(inner.inner_steps):
+            names = [k for k in p if inner.adapts(k)]
+            support = loss_fn(forward(model, p, x_spt), y_spt)
+            grads = torch.autograd.grad(support, [p[k] for k in names], create_graph=not inner.first_order)
+            p = {**p, **{k: p[k] - inner.inner_lr * g for k, g in zip(names, grads)}}
+        losses.append(loss_fn(forward(model, p, x_qry), y_qry))
+    return torch.stack(losses).mean()
