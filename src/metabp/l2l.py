@@ -87,3 +87,20 @@ def meta_step(
     value.backward()
     optimizer.step()
     return value.item()
+
+
+def adapt_policy(maml: nn.Module, steps, old_logp: Tensor, estimator: str = "lvc") -> nn.Module:
+    """Clone a wrapped Gaussian policy and take one inner policy-gradient step with ``adapt``.
+
+    learn2learn's face of :func:`metabp.metarl.adapt` for one task: ``steps`` is a
+    :class:`~metabp.navigation.Steps` of that task alone (no task dimension) and
+    ``old_logp`` its detached log-probabilities. ``adapt`` descends the loss, so the
+    loss is the negative of the inner surrogate.
+    """
+    from .metarl import surrogate
+    from .navigation import gaussian_log_prob
+
+    learner = maml.clone()
+    logp = gaussian_log_prob(*learner(steps.obs), steps.act)
+    learner.adapt(-surrogate(logp, old_logp, steps.adv, steps.mask, estimator))
+    return learner

@@ -1,0 +1,185 @@
+"""Meta-RL on 2D navigation: dynamics, the policy-gradient estimator, the meta-gradient, learn2learn."""
+
+import math
+
+import pytest
+import torch
+
+from metabp import l2l as l2l_face
+from metabp.metarl import MetaRL, adapt, adaptation_returns, meta_train, outer_loss, support_steps, surrogate
+from metabp.navigation import GaussianMLPPolicy, Navigation2D, Steps, linear_baseline, pack, returns_to_go, rollout
+
+
+def params_of(policy, dtype=None):
+    return {k: (v if dtype is None else v.to(dtype)) for k, v in policy.named_parameters()}
+
+
+# --- environment ---------------------------------------------------------------------------
+
+
+def test_step_clips_velocity_and_rewards_negative_distance():
+    env = Navigation2D()
+    pos, reward, done = env.step(torch.zeros(2), torch.tensor([0.5, -0.03]), torch.tensor([0.3, 0.4]))
+    assert torch.allclose(pos, torch.tensor([0.1, -0.03]))
+    assert reward.item() == pytest.approx(-math.hypot(0.2, 0.43), abs=1e-6)
+    assert not done
+    _, squared, _ = Navigation2D(reward="squared").step(torch.zeros(2), torch.tensor([0.5, -0.03]), torch.tensor([0.3, 0.4]))
+    assert squared.item() == pytest.approx(-(0.2**2 + 0.43**2), abs=1e-6)
+
+
+def test_episode_ends_within_tolerance_of_the_goal():
+    env = Navigation2D()
+    goal = torch.tensor([0.05, 0.0])
+    _, r, done = env.step(torch.zeros(2), torch.tensor([0.045, 0.0]), goal)
+    assert done and r.item() == pytest.approx(-0.005, abs=1e-6)
+    _, _, done = env.step(torch.zeros(2), torch.tensor([0.035, 0.0]), goal)
+    assert not done  # 0.015 away
+
+
+def test_goals_are_uniform_on_the_square_and_bad_settings_raise():
+    goals = Navigation2D().sample_goals(5000, torch.Generator().manual_seed(0))
+    assert goals.shape == (5000, 2) and goals.min() >= -0.5 and goals.max() <= 0.5
+    assert goals.mean(0).abs().max() < 0.02 and goals.var(0).sub(1 / 12).abs().max() < 0.005
+    with pytest.raises(ValueError, match="reward"):
+        Navigation2D(reward="cosine")
+    with pytest.raises(ValueError, match="horizon"):
+        Navigation2D(horizon=0)
+
+
+class Scripted(torch.nn.Module):
+    """A policy whose mean heads for the goal at full speed, with tiny noise."""
+
+    def __init__(self, goal):
+        super().__init__()
+        self.goal, self.action_scale = goal, 1.0
+        self.log_std = torch.nn.Parameter(torch.full((2,), -12.0))
+
+    def forward(self, obs):
+        return self.goal - obs, self.log_std.exp().expand(obs.shape)
+
+
+def test_rollout_starts_at_origin_masks_after_termination_and_freezes_position():
+    goal = torch.tensor([[0.25, -0.15]])
+    env = Navigation2D(horizon=10)
+    traj = rollout(env, Scripted(goal[0]), {"log_std": torch.full((2,), -12.0)}, goal, 3, torch.Generator().manual_seed(0))
+    assert traj.obs.shape == (1, 3, 10, 2) and torch.equal(traj.obs[:, :, 0], torch.zeros(1, 3, 2))
+    # clipped to 0.1 per coordinate: (0.1, -0.1), (0.2, -0.15), (0.25, -0.15): done at step 3
+    assert torch.equal(traj.mask[0, 0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0, 0, 0]))
+    assert torch.allclose(traj.path()[0, 0, 3:], goal.expand(8, 2), atol=1e-5)
+    expected = -(math.hypot(0.15, 0.05) + 0.05 + 0.0)
+    assert torch.allclose(traj.returns(), torch.full((1, 3), expected), atol=1e-5)
+    # packing keeps exactly the 3 x 3 played steps, in order
+    steps = pack(traj, traj.reward)
+    assert steps.obs.shape == (1, 9, 2) and bool(steps.mask.all())
+    assert torch.equal(steps.adv[0], traj.reward[0, :, :3].reshape(-1))
+
+
+def test_returns_to_go_and_linear_baseline():
+    reward = torch.tensor([[[1.0, 2.0, 3.0, 9.0]]])
+    mask = torch.tensor([[[1.0, 1.0, 1.0, 0.0]]])
+    assert torch.allclose(returns_to_go(reward, mask, 0.5), torch.tensor([[[2.75, 3.5, 3.0, 0.0]]]))
+    # a target that is linear in the features is fitted exactly
+    g = torch.Generator().manual_seed(0)
+    obs = torch.randn(2, 5, 7, 2, generator=g, dtype=torch.float64)
+    t = torch.arange(7, dtype=torch.float64) / 100
+    target = 3 * obs[..., 0] - obs[..., 1].square() + 2 * t - 1
+    ones = torch.ones(2, 5, 7, dtype=torch.float64)
+    assert torch.allclose(linear_baseline(obs, target, ones, reg=1e-12), target, atol=1e-6)
+
+
+# --- the policy-gradient estimator ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("estimator", ["naive", "lvc"])
+def test_estimator_expectation_on_a_gaussian_bandit(estimator):
+    """One step, a ~ N(mu, sigma^2), r = -(a - g)^2: J = -((mu-g)^2 + sigma^2).
+
+    Both surrogates give dJ/dmu = -2 (mu - g) in expectation. Only 'lvc' gives the
+    curvature d2J/dmu2 = -2; the naive one gives E[-r / sigma^2] = ((mu-g)^2 + sigma^2) / sigma^2.
+    """
+    mu0, sigma, g, m = 0.3, 0.5, 1.0, 400_000
+    mu = torch.tensor(mu0, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = (mu0 + sigma * eps).detach()
+    logp = -0.5 * ((a - mu) / sigma) ** 2
+    r = -(a - g) ** 2
+    value = surrogate(logp, logp.detach(), r, torch.ones(m, dtype=torch.float64), estimator)
+    (d1,) = torch.autograd.grad(value, mu, create_graph=True)
+    (d2,) = torch.autograd.grad(d1, mu)
+    assert d1.item() == pytest.approx(-2 * (mu0 - g), abs=0.01)
+    want = -2.0 if estimator == "lvc" else ((mu0 - g) ** 2 + sigma**2) / sigma**2
+    assert d2.item() == pytest.approx(want, abs=0.03)
+
+
+# --- the meta-gradient --------------------------------------------------------------------------
+
+
+def small_problem(dtype=torch.float64, tasks=3, n=4, horizon=12):
+    torch.manual_seed(0)
+    env = Navigation2D(horizon=horizon)
+    policy = GaussianMLPPolicy(hidden=16).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    goals = env.sample_goals(tasks, g).to(dtype)
+    params = params_of(policy)
+    spt = support_steps(policy, params, rollout(env, policy, params, goals, n, g), 0.99, False)
+    with torch.no_grad():
+        adapted = adapt(policy, params, *spt, 0.1)
+    qry = support_steps(policy, adapted, rollout(env, policy, adapted, goals, n, g, batched=True), 0.99, True)
+    return policy, params, spt, qry
+
+
+def test_meta_gradient_flows_through_the_inner_step_and_matches_finite_differences():
+    policy, params, spt, qry = small_problem()
+
+    def objective(p):
+        return outer_loss(policy, adapt(policy, p, *spt, 0.1), *qry, clip=None)
+
+    grads = torch.autograd.grad(objective(params), list(params.values()))
+    assert all(gr.abs().sum() > 0 for gr in grads)
+    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=v.dtype) for k, v in params.items()}
+    h = 1e-5
+    with torch.no_grad():
+        plus = objective({k: v + h * direction[k] for k, v in params.items()})
+        minus = objective({k: v - h * direction[k] for k, v in params.items()})
+    numeric = (plus - minus) / (2 * h)
+    analytic = sum((gr * direction[k]).sum() for gr, k in zip(grads, params))
+    assert analytic.item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-9)
+    # a first-order inner step (its gradient treated as a constant) gives a different answer
+    with torch.no_grad():
+        step = {k: a - params[k] for k, a in adapt(policy, params, *spt, 0.1).items()}
+    first_order = torch.autograd.grad(
+        outer_loss(policy, {k: v + step[k] for k, v in params.items()}, *qry, clip=None), list(params.values())
+    )
+    assert not all(torch.allclose(f, gr, rtol=1e-3) for f, gr in zip(first_order, grads))
+
+
+def test_learn2learn_clone_and_adapt_gives_the_same_adapted_policy():
+    policy, params, spt, _ = small_problem(dtype=torch.float32)
+    adapted = adapt(policy, params, *spt, 0.1)
+    maml = l2l_face.wrap(policy, inner_lr=0.1)
+    steps, old = spt
+    task_steps = lambda b: Steps(*(x[b] for x in steps))
+    for b in range(steps.obs.shape[0]):
+        learner = l2l_face.adapt_policy(maml, task_steps(b), old[b])
+        for name, p in learner.module.named_parameters():
+            assert torch.allclose(p, adapted[name][b], atol=1e-6), name
+    # and so do the gradients that reach the meta-parameters through the adaptation
+    (scratch,) = torch.autograd.grad(adapted["log_std"][0].sum(), [params["net.0.weight"]])
+    learner = l2l_face.adapt_policy(maml, task_steps(0), old[0])
+    (theirs,) = torch.autograd.grad(learner.module.log_std.sum(), [params["net.0.weight"]])
+    assert scratch.abs().sum() > 0 and torch.allclose(scratch, theirs, atol=1e-6)
+
+
+# --- training and evaluation, briefly ------------------------------------------------------------
+
+
+def test_meta_train_runs_and_evaluation_has_one_batch_per_step():
+    env = Navigation2D(horizon=10)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=8)
+    history = meta_train(env, policy, MetaRL(num_trajectories=3, meta_batch_size=2, outer_epochs=2), 2, seed=0)
+    assert len(history.before) == len(history.after) == 2
+    out = adaptation_returns(env, policy, env.sample_goals(4), [0.1, 0.05], num_trajectories=3)
+    assert len(out) == 3 and all(t.returns().shape == (4, 3) for t in out)
+    with pytest.raises(ValueError, match="estimator"):
+        MetaRL(estimator="dice")
