@@ -181,3 +181,51 @@ class BlobTasks:
 
     def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         return self.sample(num_tasks, generator)
+
+
+class TaskPool:
+    """A finite meta-training set: a fixed pool of tasks drawn once from a family.
+
+    Task families such as :class:`SinusoidTasks` produce a new task at every call,
+    as if meta-training tasks were free. A pool fixes the budget instead: ``size``
+    tasks, each with the ``shots + queries`` examples the family gave it, drawn once
+    (seeded). :meth:`sample` then draws a meta-batch from the pool, tasks with
+    replacement, and splits each task's examples at random into a support set of
+    ``shots`` and a query set of the rest, so no new task and no new example is ever
+    created. The number of meta-training tasks is the knob of data efficiency.
+
+    Args:
+        family: anything with ``sample(num_tasks, generator) -> TaskBatch``.
+        size: number of tasks in the pool.
+        seed: seeds the one draw of the pool.
+
+    Attributes:
+        x, y: the pool's examples, ``(size, shots + queries, ...)``.
+        shots: support examples per task (as the family's support sets).
+    """
+
+    def __init__(self, family, size: int, seed: int = 0) -> None:
+        self.size = positive_int("size", size)
+        batch = check_task_batch(family.sample(size, torch.Generator().manual_seed(seed)))
+        self.shots = batch.x_spt.shape[1]
+        self.x = torch.cat([batch.x_spt, batch.x_qry], 1)
+        self.y = torch.cat([batch.y_spt, batch.y_qry], 1)
+
+    def __repr__(self) -> str:
+        return f"TaskPool({self.size} tasks x {self.x.shape[1]} examples, {self.shots} shots)"
+
+    def __len__(self) -> int:
+        return self.size
+
+    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
+        """A meta-batch of ``num_tasks`` pool tasks, each with a random support/query split."""
+        positive_int("num_tasks", num_tasks)
+        idx = torch.randint(self.size, (num_tasks,), generator=generator)
+        order = torch.rand(num_tasks, self.x.shape[1], generator=generator).argsort(1)
+        rows = idx.unsqueeze(1)
+        x, y = self.x[rows, order], self.y[rows, order]
+        k = self.shots
+        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+
+    def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
+        return self.sample(num_tasks, generator)

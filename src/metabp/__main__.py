@@ -1,0 +1,8 @@
+"""``python -m metabp``: see :mod:`metabp.cli`."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

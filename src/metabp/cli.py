@@ -1,0 +1,287 @@
+"""The command line: ``python -m metabp <command> ...``.
+
+Commands:
+
+* ``train omniglot --out CHECKPOINT``: meta-train a few-shot learner on Omniglot
+  (the chapter's configuration by default, the MAML paper's with ``--preset``),
+  with a progress bar, atomic checkpoints and ``--resume``.
+* ``evaluate omniglot --checkpoint CHECKPOINT``: accuracy and 95% interval on
+  the held-out alphabets.
+* ``evaluate-runs --checkpoint CHECKPOINT [--runs FOLDER]``: error on Lake et
+  al.'s 20 official one-shot runs; the last line is ``error_percent: X``.
+* ``bench [sinusoid] [omniglot]``: the same MAML meta-step with this library,
+  learn2learn, higher, TorchOpt and the article's listing, checked and timed
+  (:mod:`metabp.bench`); one ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``
+  line per configuration.
+
+Every failure the user can fix (bad option, missing file, wrong layout) ends with
+one line on stderr and exit status 2 (1 for an interrupted run), not a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .checkpoint import CheckpointError
+from .data import DataError
+from .fewshot import ALGORITHMS, FewShotConfig
+
+#: Named configurations. 'chapter' is what chapter 6.1 trains; the paper presets
+#: are MAML's Omniglot settings (Finn et al., 2017, appendix A.1) for GPU users.
+PRESETS: dict[str, FewShotConfig] = {
+    "chapter": FewShotConfig(),
+    "maml-paper-5way": FewShotConfig(
+        background="full", ways=5, shots=1, queries=1, inner_lr=0.4, inner_steps=1,
+        meta_batch_size=32, meta_lr=1e-3, iterations=60000,
+    ),
+    "maml-paper-20way": FewShotConfig(
+        background="full", ways=20, shots=1, queries=1, inner_lr=0.1, inner_steps=5,
+        meta_batch_size=16, meta_lr=1e-3, iterations=60000,
+    ),
+}
+FAMILIES = ("omniglot",)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per :class:`FewShotConfig` field; unset options keep the preset's value."""
+    p.add_argument("--preset", choices=sorted(PRESETS), default="chapter",
+                   help="named configuration to start from (default: chapter)")
+    help_text = {
+        "algorithm": f"one of {', '.join(ALGORITHMS)}",
+        "background": "Omniglot background split: small1, small2 (minimal sets) or full",
+        "queries": "query drawings per class in training episodes",
+        "hidden": "filters per convolution",
+        "iterations": "meta-updates in total",
+        "cosine": "decay the meta learning rate along a cosine",
+    }
+    for f in fields(FewShotConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text.get(f.name))
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
+            p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text.get(f.name))
+
+
+def _config_from(args: argparse.Namespace) -> tuple[FewShotConfig, dict]:
+    given = {f.name: getattr(args, f.name) for f in fields(FewShotConfig) if getattr(args, f.name) is not None}
+    return replace(PRESETS[args.preset], **given), given
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m metabp", description="metabp: meta-learning by backpropagation")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser("train", help="meta-train a learner on a task family")
+    families = train.add_subparsers(dest="family", required=True, parser_class=_Parser)
+    om = families.add_parser("omniglot", help="few-shot classification on Omniglot (chapter 6.1)")
+    om.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    om.add_argument("--resume", action="store_true", help="continue the run stored in --out")
+    om.add_argument("--checkpoint-every", type=int, default=250, metavar="N",
+                    help="write the checkpoint every N iterations (default 250) and at the end")
+    _add_common(om)
+    _add_config_options(om)
+
+    ev = commands.add_parser("evaluate", help="evaluate a checkpoint on held-out tasks")
+    ev_families = ev.add_subparsers(dest="family", required=True, parser_class=_Parser)
+    evo = ev_families.add_parser("omniglot", help="N-way K-shot accuracy on the held-out alphabets")
+    evo.add_argument("--checkpoint", required=True, type=Path)
+    evo.add_argument("--ways", type=int, default=5)
+    evo.add_argument("--shots", type=int, default=1)
+    evo.add_argument("--queries", type=int, default=5, help="query drawings per class (default 5)")
+    evo.add_argument("--tasks", type=int, default=600, help="test episodes (default 600)")
+    evo.add_argument("--seed", type=int, default=0)
+    _add_adaptation(evo)
+    _add_common(evo)
+
+    runs = commands.add_parser("evaluate-runs", help="error on Lake et al.'s 20 official one-shot runs")
+    runs.add_argument("--checkpoint", required=True, type=Path)
+    runs.add_argument("--runs", type=Path, default=None,
+                      help="folder holding run01 .. run20 (default: download all_runs.zip)")
+    _add_adaptation(runs)
+    _add_common(runs)
+
+    from .bench import CONFIGS, IMPLS
+
+    bench = commands.add_parser("bench", help="time one MAML meta-step across implementations")
+    bench.add_argument("configs", nargs="*", choices=sorted(CONFIGS), metavar="CONFIG",
+                       help=f"configurations to run, of {', '.join(CONFIGS)} (default: both)")
+    bench.add_argument("--meta-batch-size", type=int, default=None, metavar="B",
+                       help="tasks per meta-step (default: 25 sinusoid, 16 omniglot)")
+    bench.add_argument("--inner-steps", type=int, default=1, metavar="K", help="inner steps (default 1)")
+    bench.add_argument("--first-order", action="store_true", help="first-order MAML (default: second order)")
+    bench.add_argument("--width", type=int, default=None,
+                       help="hidden units (sinusoid, default 40) or filters (omniglot, default 64)")
+    bench.add_argument("--repeats", type=int, default=None, metavar="N",
+                       help="timed rounds (default: 30 sinusoid, 5 omniglot)")
+    bench.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls first (default 2)")
+    bench.add_argument("--impls", default=None, metavar="NAMES",
+                       help="comma-separated subset of: " + ", ".join(i.name for i in IMPLS))
+    bench.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                       help="time torch.compile (auto: sinusoid only; it takes minutes on the Conv4)")
+    bench.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    return parser
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _add_adaptation(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=None,
+                   help="inner steps at test time (default: 3, or training's if more)")
+    p.add_argument("--inner-lr", type=float, default=None, help="inner step size at test time (default: training's)")
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device must be cpu or cuda[:index], got {name!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:index], got {name!r}")
+    return device
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .fewshot import train
+    from .omniglot import load_split
+
+    config, given = _config_from(args)
+    if args.resume:
+        from .fewshot import load_model
+
+        _, stored, state = load_model(args.out)
+        clash = {k: v for k, v in given.items() if getattr(stored, k) != v}
+        if clash or args.preset != "chapter":
+            raise ValueError(
+                f"--resume continues the run in {args.out} with its own configuration; "
+                f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
+            )
+        config = stored
+        print(f"resuming {args.out} at iteration {state['iteration']} of {config.iterations}", file=sys.stderr)
+    elif args.out.exists():
+        raise ValueError(f"{args.out} exists; pass --resume to continue it, or choose another --out")
+    if not args.out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    device = _device(args.device)
+    classes = load_split(config.background, "train")
+    try:
+        model, history = train(config, classes, args.out, args.resume, args.checkpoint_every, device, args.progress)
+    except KeyboardInterrupt:
+        print(f"interrupted; {args.out} holds the last checkpoint; continue with --resume", file=sys.stderr)
+        return 1
+    print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
+          f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
+    return 0
+
+
+def _adapted_accuracy(args: argparse.Namespace, model, config, batch) -> torch.Tensor:
+    from .fewshot import accuracy
+
+    steps = None if args.steps is None else [args.steps]
+    if args.steps is not None and args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    return accuracy(model, batch, config, steps=steps, inner_lr=args.inner_lr)[-1]
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .episodes import EpisodeSampler
+    from .evaluation import mean_ci
+    from .fewshot import load_model
+    from .omniglot import load_split
+
+    device = _device(args.device)
+    model, config, _ = load_model(args.checkpoint, device)
+    classes = load_split(config.background, "test").to(device)
+    batch = EpisodeSampler(classes, args.ways, args.shots, args.queries).sample(
+        args.tasks, torch.Generator().manual_seed(args.seed))
+    acc = _adapted_accuracy(args, model, config, batch)
+    mean, half = mean_ci(acc.cpu())
+    print(f"{config.algorithm} on held-out alphabets {', '.join(classes.alphabets)}: "
+          f"{args.ways}-way {args.shots}-shot accuracy {100 * mean:.2f} +- {100 * half:.2f} % ({args.tasks} tasks)")
+    return 0
+
+
+def _evaluate_runs(args: argparse.Namespace) -> int:
+    from .fewshot import load_model
+    from .omniglot_runs import fetch_runs, load_runs, runs_as_tasks
+
+    device = _device(args.device)
+    model, config, _ = load_model(args.checkpoint, device)
+    folder = fetch_runs() if args.runs is None else args.runs
+    runs = load_runs(folder)
+    acc = _adapted_accuracy(args, model, config, runs_as_tasks(runs).to(device)).cpu()
+    errors = [100.0 * (1.0 - a) for a in acc.tolist()]
+    for run, err in zip(runs, errors):
+        print(f"{run.name}: error {err:.1f}%")
+    print(f"error_percent: {sum(errors) / len(errors):.2f}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_report, machine_description, run
+
+    device = _device(args.device)
+    impls = None if args.impls is None else tuple(n.strip() for n in args.impls.split(",") if n.strip())
+    compile = {"auto": None, "on": True, "off": False}[args.compile]
+    configs = [BenchConfig(name, args.meta_batch_size, args.inner_steps, args.first_order, args.width)
+               for name in (args.configs or ["sinusoid", "omniglot"])]
+    print(f"metabp bench on {machine_description()}", flush=True)
+    print(f"torch threads: {torch.get_num_threads()}; times per meta-step (meta-gradient of one meta-batch)",
+          flush=True)
+    summaries = []
+    for config in configs:
+        repeats = args.repeats or (30 if config.name == "sinusoid" else 5)
+        print(flush=True)
+        report = run(config, impls, repeats, args.warmup, device, compile, args.memory, args.seed,
+                     log=lambda line: print(line, file=sys.stderr, flush=True))
+        text = format_report(report)
+        print(text, flush=True)
+        summaries += [line for line in text.splitlines() if " ratio_vs_learn2learn: " in line]
+    print(f"\nload average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())}")
+    for line in summaries:
+        print(line)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads must be >= 1, got {args.threads}")
+            torch.set_num_threads(args.threads)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "evaluate":
+            return _evaluate(args)
+        if args.command == "bench":
+            return _bench(args)
+        return _evaluate_runs(args)
+    except (ValueError, DataError, CheckpointError, OSError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,89 @@
+"""MAML's convolutional network for Omniglot ("Conv4").
+
+Four blocks of 3x3 convolution, batch normalisation and ReLU, each halving the
+image (a stride-2 convolution, as MAML uses on Omniglot instead of max-pooling),
+then the mean over the remaining pixels and a linear head (Finn et al., 2017,
+section 5.2, after Vinyals et al., 2016). Batch normalisation keeps no running
+statistics: it normalises with the statistics of the images it is given (the
+support set while adapting, the query set when predicting), which is what MAML
+does and what ``torch.func.vmap`` needs.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from .checks import positive_int
+
+
+class Conv4(nn.Module):
+    """Four conv blocks and a linear head.
+
+    Args:
+        ways: outputs of the head (classes per task).
+        hidden: filters per convolution (64 in MAML).
+        in_channels: image channels (1 for Omniglot).
+
+    ``forward(x)`` maps images ``(n, in_channels, H, W)`` to logits ``(n, ways)``;
+    ``embed(x)`` gives the features ``(n, hidden)`` before the head (what ANIL keeps
+    fixed while adapting, and what a prototypical network compares).
+    Parameter names: ``features.*`` for the body, ``head.weight``/``head.bias``.
+    """
+
+    def __init__(self, ways: int = 5, hidden: int = 64, in_channels: int = 1) -> None:
+        super().__init__()
+        positive_int("ways", ways)
+        positive_int("hidden", hidden)
+        positive_int("in_channels", in_channels)
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for _ in range(4):
+            layers += [
+                nn.Conv2d(channels, hidden, kernel_size=3, stride=2, padding=1),
+                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.ReLU(),
+            ]
+            channels = hidden
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(hidden, ways)
+
+    @property
+    def ways(self) -> int:
+        return self.head.out_features
+
+    @property
+    def hidden(self) -> int:
+        return self.head.in_features
+
+    def embed(self, x: Tensor) -> Tensor:
+        """Features ``(n, hidden)`` of images ``(n, C, H, W)``."""
+        return self.features(x).mean(dim=(-2, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.embed(x))
+
+    def with_ways(self, ways: int) -> "Conv4":
+        """A copy that classifies ``ways`` classes, for tasks of another width than training's.
+
+        Labels are assigned to classes at random in every task, so the rows of a
+        meta-learned head are interchangeable starting points. For fewer classes the
+        copy keeps the first ``ways`` rows; for more, every row starts at the mean of
+        the trained rows (and every bias at their mean), and the inner loop tells the
+        classes apart. The body is copied unchanged.
+        """
+        positive_int("ways", ways)
+        new = copy.deepcopy(self)
+        with torch.no_grad():
+            if ways <= self.ways:
+                weight, bias = self.head.weight[:ways].clone(), self.head.bias[:ways].clone()
+            else:
+                weight = self.head.weight.mean(0, keepdim=True).expand(ways, -1).clone()
+                bias = self.head.bias.mean().expand(ways).clone()
+        new.head = nn.Linear(self.hidden, ways).to(weight.device)
+        with torch.no_grad():
+            new.head.weight.copy_(weight)
+            new.head.bias.copy_(bias)
+        return new

@@ -1,0 +1,262 @@
+"""Few-shot image classification: configurations, resumable meta-training, accuracy.
+
+Four learners share one network (:class:`~metabp.convnet.Conv4`) and one task
+stream (:class:`~metabp.episodes.EpisodeSampler`):
+
+* ``maml``: second-order MAML (Finn et al., 2017), every parameter adapts;
+* ``fomaml``: first-order MAML, the inner gradients are constants;
+* ``anil``: ANIL (Raghu et al., 2020), only the head adapts;
+* ``protonet``: prototypical networks (Snell et al., 2017), no inner loop.
+
+The first three are :class:`~metabp.bilevel.InnerLoop` settings of the same core
+(:func:`~metabp.bilevel.meta_step`). :func:`train` is the meta-training loop of the
+command line: it keeps everything a run depends on (model, optimiser, schedule,
+task-stream generator, iteration) in an atomically written checkpoint, so that a
+resumed run ends with exactly the parameters of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from . import checkpoint, protonet
+from .bilevel import InnerLoop, make_optimizer, meta_step
+from .checks import nonnegative_int, one_of, positive_float, positive_int
+from .convnet import Conv4
+from .episodes import EpisodeSampler, ImageClasses
+from .evaluation import adaptation_curve
+from .tasks import TaskBatch
+from .training import History, seed_everything
+
+ALGORITHMS = ("maml", "fomaml", "anil", "protonet")
+
+
+@dataclass(frozen=True)
+class FewShotConfig:
+    """Everything that defines a few-shot meta-training run.
+
+    The defaults are chapter 6.1's configuration: second-order MAML on 20-way
+    1-shot episodes of the minimal background set small1, one inner step of 0.4 as
+    in MAML, a Conv4 of 32 filters (half MAML's 64, to fit a CPU budget), eight
+    episodes per meta-update and a cosine-decayed Adam step.
+
+    Args:
+        algorithm: one of :data:`ALGORITHMS`.
+        background: Omniglot background split, 'small1', 'small2' or 'full'
+            (see :func:`metabp.omniglot.load_split`).
+        ways, shots: N and K of the training episodes.
+        queries: query drawings per class in training episodes.
+        hidden: filters per convolution of the Conv4 network.
+        inner_lr, inner_steps: the inner loop (ignored by 'protonet').
+        meta_batch_size: episodes per meta-update.
+        meta_lr: Adam's learning rate for the outer loop.
+        iterations: meta-updates.
+        cosine: decay the meta learning rate to zero along a cosine.
+        seed: seeds the initialisation and the task stream.
+    """
+
+    algorithm: str = "maml"
+    background: str = "small1"
+    ways: int = 20
+    shots: int = 1
+    queries: int = 1
+    hidden: int = 32
+    inner_lr: float = 0.4
+    inner_steps: int = 1
+    meta_batch_size: int = 8
+    meta_lr: float = 1e-3
+    iterations: int = 4000
+    cosine: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from .omniglot import BACKGROUNDS
+
+        one_of("algorithm", self.algorithm, ALGORITHMS)
+        one_of("background", self.background, tuple(BACKGROUNDS))
+        if isinstance(self.ways, bool) or not isinstance(self.ways, int) or self.ways < 2:
+            raise ValueError(f"ways must be an integer >= 2, got {self.ways!r}")
+        for name in ("shots", "queries", "hidden", "meta_batch_size", "iterations"):
+            positive_int(name, getattr(self, name))
+        nonnegative_int("inner_steps", self.inner_steps)
+        nonnegative_int("seed", self.seed)
+        positive_float("inner_lr", self.inner_lr)
+        positive_float("meta_lr", self.meta_lr)
+        if not isinstance(self.cosine, bool):
+            raise ValueError(f"cosine must be True or False, got {self.cosine!r}")
+
+    @property
+    def inner(self) -> InnerLoop | None:
+        """The :class:`~metabp.bilevel.InnerLoop` of the algorithm (None for 'protonet')."""
+        if self.algorithm == "protonet":
+            return None
+        adapt = ("head",) if self.algorithm == "anil" else None
+        return InnerLoop("cross_entropy", self.inner_lr, self.inner_steps, self.algorithm == "fomaml", adapt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "FewShotConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"config has unknown fields {unknown}; known are {sorted(known)}")
+        return cls(**values)
+
+
+def build_model(config: FewShotConfig) -> Conv4:
+    """The Conv4 network of ``config`` (its head has ``config.ways`` outputs)."""
+    return Conv4(config.ways, config.hidden)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBatch, config: FewShotConfig) -> float:
+    """One meta-update of ``config.algorithm`` on ``batch``; the loss before it."""
+    if config.algorithm == "protonet":
+        return protonet.train_step(model, optimizer, batch)
+    return meta_step(model, optimizer, batch, config.inner, vectorize=True)
+
+
+def default_test_steps(config: FewShotConfig) -> int:
+    """Inner steps at test time by default: three, and never fewer than training took.
+
+    A learner meta-trained with one step keeps improving for a few more on a new
+    task (chapter 6.1 plots accuracy against the number of steps).
+    """
+    return max(3, config.inner_steps)
+
+
+def accuracy(
+    model: Conv4,
+    batch: TaskBatch,
+    config: FewShotConfig,
+    steps: Sequence[int] | None = None,
+    inner_lr: float | None = None,
+    chunk_size: int | None = 50,
+) -> Tensor:
+    """Query accuracy of every task in ``batch`` after adaptation, ``(len(steps), B)``.
+
+    Args:
+        model: a trained network.
+        batch: test episodes of any number of ways: if it differs from the
+            model's, a gradient learner's head is rebuilt with :meth:`Conv4.with_ways`.
+        config: the run's configuration (algorithm and inner loop).
+        steps: inner steps to report (default ``[default_test_steps(config)]``); ignored
+            by 'protonet', which returns one row.
+        inner_lr: step size at test time (default the training one).
+        chunk_size: tasks per ``vmap`` chunk.
+    """
+    if config.algorithm == "protonet":
+        return protonet.accuracy(model, batch, chunk_size).unsqueeze(0)
+    ways = int(batch.y_spt.max()) + 1
+    if ways != model.ways:
+        model = model.with_ways(ways)
+    inner = config.inner if inner_lr is None else InnerLoop(
+        "cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt
+    )
+    steps = [default_test_steps(config)] if steps is None else list(steps)
+    return adaptation_curve(model, batch, inner, steps, metric="accuracy", chunk_size=chunk_size)
+
+
+def _state(config, model, optimizer, scheduler, generator, iteration, history) -> dict[str, Any]:
+    return {
+        "config": config.to_dict(),
+        "iteration": iteration,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+        "loss": list(history.loss),
+        "seconds": history.seconds,
+    }
+
+
+def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[Conv4, FewShotConfig, dict[str, Any]]:
+    """The network, configuration and raw state stored in a checkpoint of :func:`train`."""
+    state = checkpoint.load(path)
+    try:
+        config = FewShotConfig.from_dict(state["config"])
+        model = build_model(config)
+        model.load_state_dict(state["model"])
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise checkpoint.CheckpointError(f"{path} does not hold a few-shot model ({err})") from None
+    return model.to(device), config, state
+
+
+def train(
+    config: FewShotConfig,
+    classes: ImageClasses,
+    out: Path | str | None = None,
+    resume: bool = False,
+    checkpoint_every: int = 250,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+    callback: Callable[[int, Conv4], None] | None = None,
+    stop_after: int | None = None,
+) -> tuple[Conv4, History]:
+    """Meta-train a Conv4 on episodes from ``classes`` with ``config``.
+
+    Args:
+        config: the run (with ``resume``, it must equal the checkpoint's).
+        classes: meta-training classes, e.g. ``load_split(config.background, 'train')``.
+        out: checkpoint file, written every ``checkpoint_every`` iterations and at the end.
+        resume: continue from ``out`` (which must exist) instead of starting afresh.
+        device: where to train ('cpu', 'cuda').
+        progress: show a progress bar.
+        callback: ``callback(iteration, model)`` after every iteration (e.g. to track
+            held-out accuracy); it must not consume the training randomness.
+        stop_after: stop (with a checkpoint) after this many iterations in total, as
+            if the run had been interrupted there; for tests of ``resume``.
+
+    Returns:
+        The trained model and its :class:`~metabp.training.History` (loss of every
+        iteration so far, wall time of all sessions together).
+    """
+    positive_int("checkpoint_every", checkpoint_every)
+    device = torch.device(device)
+    state = None
+    if resume:
+        if out is None:
+            raise ValueError("resume=True needs out, the checkpoint to continue")
+        state = checkpoint.load(out)
+        stored = FewShotConfig.from_dict(state["config"])
+        if stored != config:
+            raise ValueError(f"config differs from the one stored in {out}: {stored}")
+    generator = seed_everything(config.seed)
+    sampler = EpisodeSampler(classes.to(device), config.ways, config.shots, config.queries)
+    model = build_model(config).to(device)
+    optimizer = make_optimizer(model.parameters(), config.meta_lr)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
+    history, start = History(), 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        history.loss, history.seconds, start = list(state["loss"]), float(state["seconds"]), int(state["iteration"])
+    end = config.iterations if stop_after is None else min(config.iterations, stop_after)
+    began = time.perf_counter() - history.seconds
+    bar = tqdm(range(start, end), initial=start, total=config.iterations, desc=config.algorithm,
+               disable=not progress, mininterval=1.0)
+    for it in bar:
+        batch = sampler(config.meta_batch_size, generator)
+        history.loss.append(train_step(model, optimizer, batch, config))
+        if scheduler is not None:
+            scheduler.step()
+        history.seconds = time.perf_counter() - began
+        if callback is not None:
+            callback(it + 1, model)
+        if out is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == end):
+            checkpoint.save(out, _state(config, model, optimizer, scheduler, generator, it + 1, history))
+    bar.close()
+    return model, history

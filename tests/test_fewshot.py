@@ -1,0 +1,130 @@
+"""Conv4, the four few-shot learners, learn2learn agreement, and resumable training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metabp import l2l as l2l_face
+from metabp import protonet
+from metabp.bilevel import adapt, get_params, make_optimizer, meta_gradient
+from metabp.convnet import Conv4
+from metabp.episodes import EpisodeSampler
+from metabp.fewshot import ALGORITHMS, FewShotConfig, accuracy, build_model, load_model, train, train_step
+from metabp.omniglot import load_split
+
+TINY = dict(hidden=8, meta_batch_size=2, iterations=6, queries=2, ways=3)
+
+
+@pytest.fixture(scope="module")
+def classes():
+    return load_split("small1", "train")
+
+
+@pytest.fixture(scope="module")
+def batch(classes):
+    return EpisodeSampler(classes, ways=5, shots=1, queries=2).sample(3, torch.Generator().manual_seed(0))
+
+
+def test_conv4_shapes_and_parameter_count():
+    model = Conv4(ways=5, hidden=64)
+    x = torch.rand(7, 1, 28, 28)
+    assert model(x).shape == (7, 5) and model.embed(x).shape == (7, 64)
+    # MAML's network: 4 x (3x3 conv + BatchNorm scale/shift) and a 64 -> 5 head
+    expected = (9 * 64 + 64) + 3 * (9 * 64 * 64 + 64) + 4 * 2 * 64 + 64 * 5 + 5
+    assert sum(p.numel() for p in model.parameters()) == expected
+    assert not list(model.buffers())  # no running statistics
+
+
+def test_with_ways_copies_the_body_and_averages_the_head():
+    torch.manual_seed(0)
+    model = Conv4(ways=5, hidden=8)
+    wide = model.with_ways(20)
+    assert wide.ways == 20 and model.ways == 5
+    assert torch.allclose(wide.head.weight, model.head.weight.mean(0).expand(20, -1))
+    assert torch.equal(wide.features[0].weight, model.features[0].weight)
+    assert wide.features[0].weight.data_ptr() != model.features[0].weight.data_ptr()
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_every_learner_classifies_a_20_way_task(algorithm, classes):
+    config = FewShotConfig(algorithm=algorithm, hidden=8)
+    torch.manual_seed(0)
+    model = build_model(config)
+    tasks = EpisodeSampler(classes, ways=20, shots=1, queries=1).sample(2, torch.Generator().manual_seed(1))
+    acc = accuracy(model, tasks, config, chunk_size=1)
+    assert acc.shape[-1] == 2 and ((acc >= 0) & (acc <= 1)).all()
+
+
+def test_anil_adapts_only_the_head(batch):
+    config = FewShotConfig(algorithm="anil", hidden=8)
+    torch.manual_seed(0)
+    model = build_model(config)
+    params = get_params(model)
+    adapted = adapt(model, params, batch.x_spt[0], batch.y_spt[0], config.inner)
+    changed = {k for k in params if not torch.equal(params[k], adapted[k])}
+    assert changed == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml"])
+def test_learn2learn_gives_the_same_meta_gradient_on_omniglot(algorithm, batch):
+    config = FewShotConfig(algorithm=algorithm, hidden=8, inner_steps=2)
+    torch.manual_seed(0)
+    model = build_model(config).double()
+    b = type(batch)(batch.x_spt.double(), batch.y_spt, batch.x_qry.double(), batch.y_qry)
+    scratch = meta_gradient(model, b, config.inner)
+    maml = l2l_face.wrap(model, config.inner_lr, first_order=config.inner.first_order)
+    model.zero_grad()
+    l2l_face.meta_loss(maml, b, inner_steps=config.inner_steps, loss="cross_entropy").backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(p.grad, scratch[name], atol=1e-9, rtol=1e-6), name
+
+
+def test_prototypes_are_class_means():
+    z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]])
+    y = torch.tensor([0, 0, 1])
+    assert torch.equal(protonet.prototypes(z, y, 2), torch.tensor([[1.0, 0.0], [5.0, 5.0]]))
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_meta_updates_fit_a_fixed_meta_batch(algorithm, batch):
+    """Repeated meta-updates on one meta-batch must drive its meta-loss down (the step descends)."""
+    config = FewShotConfig(algorithm=algorithm, hidden=8, ways=5)
+    torch.manual_seed(0)
+    model = build_model(config)
+    optimizer = make_optimizer(model.parameters(), 1e-2)
+    losses = [train_step(model, optimizer, batch, config) for _ in range(15)]
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(classes, tmp_path):
+    config = FewShotConfig(**TINY)
+    full, hist_full = train(config, classes, tmp_path / "full.pt", checkpoint_every=2, progress=False)
+    part = tmp_path / "part.pt"
+    train(config, classes, part, checkpoint_every=2, progress=False, stop_after=3)
+    assert torch.load(part, weights_only=True)["iteration"] == 3
+    resumed, hist = train(config, classes, part, resume=True, checkpoint_every=2, progress=False)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert hist.loss == hist_full.loss
+    model, stored, state = load_model(part)
+    assert stored == config and state["iteration"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), full.state_dict().values()))
+
+
+def test_resume_refuses_another_configuration(classes, tmp_path):
+    config = FewShotConfig(**TINY)
+    train(config, classes, tmp_path / "run.pt", progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="config differs"):
+        train(FewShotConfig(**{**TINY, "seed": 1}), classes, tmp_path / "run.pt", resume=True, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [(dict(algorithm="reptile"), "algorithm"), (dict(background="small3"), "background"),
+     (dict(ways=1), "ways"), (dict(hidden=0), "hidden"), (dict(inner_lr=-0.1), "inner_lr"),
+     (dict(iterations=0), "iterations"), (dict(cosine="yes"), "cosine")],
+)
+def test_bad_configuration_is_named(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        FewShotConfig(**kwargs)
