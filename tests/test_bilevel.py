@@ -138,3 +138,16 @@ def test_compiled_meta_training_follows_the_eager_run():
         runs.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*runs):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_per_task_backward_gives_the_same_meta_gradient():
+    torch.manual_seed(0)
+    model = SineNet(hidden=8).double()
+    batch = SinusoidTasks().sample(4, torch.Generator().manual_seed(5), torch.float64)
+    inner = InnerLoop("mse", 0.01, 2)
+    want = meta_gradient(model, batch, inner)
+    got = meta_gradient(model, batch, inner, per_task=True)
+    for k in want:
+        assert torch.allclose(got[k], want[k], atol=1e-14), k
+    with pytest.raises(ValueError, match="per_task"):
+        meta_gradient(model, batch, inner, vectorize=True, per_task=True)

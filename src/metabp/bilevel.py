@@ -248,11 +248,29 @@ def meta_gradient(
     inner: InnerLoop,
     vectorize: bool = False,
     params: Params | None = None,
+    per_task: bool = False,
 ) -> Params:
-    """The meta-gradient d(meta_loss)/d(theta) as a dict, without touching ``.grad``."""
+    """The meta-gradient d(meta_loss)/d(theta) as a dict, without touching ``.grad``.
+
+    With ``per_task=True`` (loop only) each task's query loss is backpropagated on
+    its own and the gradients are summed, so only one task's graph is alive at a
+    time: less memory, and on convolutional networks better use of the CPU's caches.
+    """
     params = get_params(model) if params is None else params
-    loss = meta_loss(model, params, batch, inner, vectorize)
     names = list(params)
+    if per_task:
+        if vectorize:
+            raise ValueError("per_task=True backpropagates task by task; it needs vectorize=False")
+        check_task_batch(batch)
+        total = {n: torch.zeros_like(params[n]) for n in names}
+        for task in zip(*batch):
+            loss = task_loss(model, params, *task, inner) / batch.num_tasks
+            grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is not None:
+                    total[n] += g
+        return total
+    loss = meta_loss(model, params, batch, inner, vectorize)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
     return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
 

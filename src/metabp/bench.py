@@ -1,0 +1,520 @@
+"""``python -m metabp bench``: the same MAML meta-step, timed across implementations.
+
+Every implementation computes the meta-gradient of one fixed meta-batch at one
+fixed initialisation (same seed, same data): this library from scratch
+(:func:`metabp.bilevel.meta_gradient` with a Python loop over tasks, backpropagated
+at once or task by task, or with ``vmap``, and :func:`metabp.bilevel.meta_gradient_fn` under ``torch.compile``),
+the library faces of :mod:`metabp.faces` (learn2learn, higher, TorchOpt), and
+the article's listing (:func:`metabp.listing.article_meta_step`), which computes
+no meta-gradient and is a time reference only. Two plain forward and backward
+passes over the same inputs, all at once and one task at a time, give the floor.
+
+The protocol:
+
+1. **check**: each implementation's meta-gradient is compared with the looped
+   from-scratch one (largest absolute difference relative to the largest entry);
+   the first call also compiles where ``torch.compile`` is used. An implementation
+   that differs is reported and left out of the summary line;
+2. **time**: after ``warmup`` further calls, ``repeats`` rounds, each timing every
+   implementation once in turn (so a change of machine load hits all alike);
+   median and minimum per implementation;
+3. **memory**: the peak growth of the process's resident memory (``VmHWM``
+   after resetting it through ``/proc/self/clear_refs``) during one more call,
+   with glibc told to return every freed block of 64 KiB or more to the system,
+   so that the figure is the memory the step itself touches; on CUDA, the peak of
+   ``torch.cuda.max_memory_allocated`` above what was allocated before.
+
+Ratios are medians divided by learn2learn's median, and by the faster floor's.
+The report ends with one line per configuration for the fastest path of this
+library: ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``.
+"""
+
+from __future__ import annotations
+
+import copy
+import ctypes
+import gc
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .bilevel import InnerLoop, Params, get_params, meta_gradient, meta_gradient_fn
+from .checks import nonnegative_int, positive_int
+from .tasks import SinusoidTasks, TaskBatch
+
+Step = Callable[[], "Params | None"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark problem.
+
+    Args:
+        name: 'sinusoid' (MAML's 1-40-40-1 regressor, K = 10 support and 10 query
+            points, meta-batch 25, inner step 0.01) or 'omniglot' (MAML's Conv4,
+            5-way 1-shot with 15 queries per class, meta-batch 16, inner step 0.4, on
+            random 28x28 binary images: the arithmetic does not depend on the pixels).
+        meta_batch_size: tasks per meta-step (default: the configuration's).
+        inner_steps: inner gradient steps.
+        first_order: first-order MAML instead of second order.
+        width: hidden units per layer (sinusoid, default 40) or filters per
+            convolution (omniglot, default 64).
+    """
+
+    name: str
+    meta_batch_size: int | None = None
+    inner_steps: int = 1
+    first_order: bool = False
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name not in CONFIGS:
+            raise ValueError(f"config must be one of {tuple(CONFIGS)}, got {self.name!r}")
+        if self.meta_batch_size is not None:
+            positive_int("meta_batch_size", self.meta_batch_size)
+        positive_int("inner_steps", self.inner_steps)
+        if self.width is not None:
+            positive_int("width", self.width)
+
+    @property
+    def tasks(self) -> int:
+        return self.meta_batch_size or CONFIGS[self.name]["meta_batch_size"]
+
+    def describe(self) -> str:
+        order = "first order" if self.first_order else "second order"
+        d = CONFIGS[self.name]
+        return (f"{self.name}: {d['what']} (width {self.width or d['width']}), meta-batch {self.tasks}, "
+                f"{self.inner_steps} inner step(s) of {d['inner_lr']}, {order}")
+
+
+CONFIGS = {
+    "sinusoid": dict(what="MLP 1-W-W-1, K = 10, 10 queries", meta_batch_size=25, width=40, inner_lr=0.01),
+    "omniglot": dict(what="Conv4, 5-way 1-shot, 15 queries per class", meta_batch_size=16, width=64, inner_lr=0.4),
+}
+
+
+@dataclass
+class Problem:
+    """A model, its meta-batch, the inner loop and a factory for fresh copies of the model."""
+
+    model: nn.Module
+    batch: TaskBatch
+    inner: InnerLoop
+    make_model: Callable[[], nn.Module]
+
+
+def make_problem(config: BenchConfig, seed: int = 0, device: str | torch.device = "cpu") -> Problem:
+    """The seeded model and meta-batch of ``config`` on ``device``."""
+    from .convnet import Conv4
+    from .models import SineNet
+
+    d = CONFIGS[config.name]
+    width = config.width or d["width"]
+    generator = torch.Generator().manual_seed(seed)
+    inner = InnerLoop("mse" if config.name == "sinusoid" else "cross_entropy", d["inner_lr"],
+                      config.inner_steps, config.first_order)
+    if config.name == "sinusoid":
+        batch = SinusoidTasks(shots=10, queries=10).sample(config.tasks, generator)
+
+        def make_model() -> nn.Module:
+            return SineNet(width).to(device)
+    else:
+        ways, shots, queries, b = 5, 1, 15, config.tasks
+        images = (torch.rand(b, ways * (shots + queries), 1, 28, 28, generator=generator) < 0.2).float()
+        labels = torch.arange(ways).repeat_interleave(shots + queries).expand(b, -1)
+        # support first, then queries, class-major within each (as metabp.episodes)
+        spt = torch.arange(ways) * (shots + queries)
+        qry = torch.tensor([c * (shots + queries) + shots + q for c in range(ways) for q in range(queries)])
+        batch = TaskBatch(images[:, spt], labels[:, spt], images[:, qry], labels[:, qry])
+
+        def make_model() -> nn.Module:
+            return Conv4(ways, width).to(device)
+    torch.manual_seed(seed)
+    model = make_model()
+    return Problem(model, batch.to(device), inner, make_model)
+
+
+# ----------------------------------------------------------------- implementations
+
+
+def _fresh(problem: Problem) -> nn.Module:
+    return copy.deepcopy(problem.model)
+
+
+def _metabp_loop(problem: Problem) -> Step:
+    model = _fresh(problem)
+    return lambda: meta_gradient(model, problem.batch, problem.inner, vectorize=False)
+
+
+def _metabp_per_task(problem: Problem) -> Step:
+    model = _fresh(problem)
+    return lambda: meta_gradient(model, problem.batch, problem.inner, per_task=True)
+
+
+def _metabp_vmap(problem: Problem) -> Step:
+    model = _fresh(problem)
+    return lambda: meta_gradient(model, problem.batch, problem.inner, vectorize=True)
+
+
+def _metabp_compiled(problem: Problem) -> Step:
+    model = _fresh(problem)
+    fn = meta_gradient_fn(model, problem.inner, vectorize=True, compile=True)
+    params = {k: v.detach() for k, v in get_params(model).items()}
+    batch = tuple(problem.batch)
+    return lambda: fn(params, batch)[0]
+
+
+def _face(name: str) -> Callable[[Problem], Step]:
+    def build(problem: Problem) -> Step:
+        from .faces import FACES
+
+        model = _fresh(problem)
+        return lambda: FACES[name](model, problem.batch, problem.inner)
+
+    return build
+
+
+def _listing(problem: Problem) -> Step:
+    from .listing import article_meta_step
+
+    model = _fresh(problem)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    inner = problem.inner
+
+    def step() -> Params | None:
+        article_meta_step(model, optimizer, problem.batch, problem.make_model, inner.inner_lr,
+                          inner.inner_steps, inner.loss)
+        grads = {n: p.grad for n, p in model.named_parameters()}
+        return None if all(g is None for g in grads.values()) else grads
+
+    return step
+
+
+def _floor(per_task: bool) -> Callable[[Problem], Step]:
+    """A plain forward and backward pass over every support and query input of the meta-batch."""
+
+    def build(problem: Problem) -> Step:
+        model = _fresh(problem)
+        params = list(model.parameters())
+        loss_fn = problem.inner.loss_fn
+        b = problem.batch
+        x, y = torch.cat([b.x_spt, b.x_qry], 1), torch.cat([b.y_spt, b.y_qry], 1)
+
+        def all_at_once() -> None:
+            torch.autograd.grad(loss_fn(model(x.flatten(0, 1)), y.flatten(0, 1)), params)
+
+        def one_task_at_a_time() -> None:
+            for x_t, y_t in zip(x, y):
+                torch.autograd.grad(loss_fn(model(x_t), y_t) / b.num_tasks, params)
+
+        return one_task_at_a_time if per_task else all_at_once
+
+    return build
+
+
+@dataclass(frozen=True)
+class Impl:
+    name: str
+    kind: str  # 'metabp', 'library', 'listing' or 'floor'
+    build: Callable[[Problem], Step]
+
+
+IMPLS = (
+    Impl("metabp loop", "metabp", _metabp_loop),
+    Impl("metabp loop, per task", "metabp", _metabp_per_task),
+    Impl("metabp vmap", "metabp", _metabp_vmap),
+    Impl("metabp vmap+compile", "metabp", _metabp_compiled),
+    Impl("learn2learn", "library", _face("learn2learn")),
+    Impl("higher", "library", _face("higher")),
+    Impl("torchopt", "library", _face("torchopt")),
+    Impl("article listing", "listing", _listing),
+    Impl("floor, all at once", "floor", _floor(per_task=False)),
+    Impl("floor, per task", "floor", _floor(per_task=True)),
+)
+REFERENCE = "metabp loop"
+#: Relative difference below which two float32 meta-gradients count as the same.
+TOLERANCE = 1e-4
+
+
+# ----------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Result:
+    """What the benchmark found for one implementation."""
+
+    name: str
+    kind: str
+    check: str = ""
+    rel_diff: float | None = None
+    first_call_s: float | None = None
+    times: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+    @property
+    def min(self) -> float:
+        return min(self.times)
+
+
+@dataclass
+class Report:
+    config: BenchConfig
+    device: str
+    threads: int
+    results: list[Result]
+    notes: list[str] = field(default_factory=list)
+
+    def get(self, name: str) -> Result | None:
+        return next((r for r in self.results if r.name == name and r.times), None)
+
+    @property
+    def floor(self) -> Result | None:
+        floors = [r for r in self.results if r.kind == "floor" and r.times]
+        return min(floors, key=lambda r: r.median) if floors else None
+
+    @property
+    def fastest_metabp(self) -> Result | None:
+        ours = [r for r in self.results if r.kind == "metabp" and r.times and r.check.startswith("ok")]
+        return min(ours, key=lambda r: r.median) if ours else None
+
+    def ratio(self, result: Result, to: Result | None) -> float | None:
+        return None if to is None else result.median / to.median
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _has_batch_norm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _rel_diff(got: Params, want: Params) -> float:
+    scale = max(w.abs().max().item() for w in want.values())
+    return max((got[k] - want[k]).abs().max().item() for k in want) / scale
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - not glibc
+        return None
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field_name} in /proc/self/status")
+
+
+def peak_memory(step: Step, device: torch.device) -> int | None:
+    """Peak memory in bytes that one call of ``step`` adds to what was in use before it.
+
+    CPU: growth of the peak resident set size (Linux; None elsewhere). Call
+    :func:`prepare_memory_measurement` first, so that freed blocks leave the process.
+    CUDA: peak of the caching allocator's allocated bytes above the level before.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+        before = _status_kib("VmRSS")
+        step()
+        return (_status_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
+def prepare_memory_measurement(threshold: int = 64 * 1024) -> None:
+    """Make glibc return freed blocks of ``threshold`` bytes or more to the system at once (``mallopt``).
+
+    Without it, memory that one call frees stays in the process and hides the
+    next call's peak. It makes allocation slower, so it is set after the timings,
+    and it lasts for the rest of the process. Smaller tensors are still served from
+    the heap and may reuse freed memory unseen: lower ``threshold`` for small models.
+    """
+    positive_int("threshold", threshold)
+    libc = _libc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, threshold)
+        libc.mallopt(m_trim_threshold, 2 * threshold)
+
+
+def run(
+    config: BenchConfig,
+    impls: tuple[str, ...] | None = None,
+    repeats: int = 10,
+    warmup: int = 2,
+    device: str | torch.device = "cpu",
+    compile: bool | None = None,
+    memory: bool = True,
+    seed: int = 0,
+    log: Callable[[str], None] | None = None,
+) -> Report:
+    """Check, time and measure the implementations on ``config``; see the module docstring.
+
+    Args:
+        config: the problem.
+        impls: names from :data:`IMPLS` to run (default all; the reference
+            'metabp loop' is always run, for the gradient check).
+        repeats: timed rounds; warmup: untimed calls before them.
+        device: 'cpu' or 'cuda'.
+        compile: run 'metabp vmap+compile' (default: on the sinusoid only, where
+            compiling takes seconds and pays; on the Conv4 it takes minutes).
+        memory: measure peak memory (after the timings).
+        seed: seeds the model and the data.
+        log: called with a line of progress now and then (e.g. ``print``).
+    """
+    positive_int("repeats", repeats)
+    nonnegative_int("warmup", warmup)
+    device = torch.device(device)
+    names = [i.name for i in IMPLS]
+    chosen = list(names) if impls is None else list(impls)
+    unknown = [n for n in chosen if n not in names]
+    if unknown:
+        raise ValueError(f"unknown implementation(s) {unknown}; choose from {names}")
+    if REFERENCE not in chosen:
+        chosen.insert(0, REFERENCE)
+    notes = []
+    if compile is None:
+        compile = config.name == "sinusoid"
+        if not compile and "metabp vmap+compile" in chosen:
+            notes.append("metabp vmap+compile: skipped (compiling the vmapped second-order Conv4 step takes "
+                         "minutes on a CPU and did not run faster than eager vmap here; --compile on runs it)")
+    if not compile and "metabp vmap+compile" in chosen:
+        chosen.remove("metabp vmap+compile")
+    say = log or (lambda _: None)
+    problem = make_problem(config, seed, device)
+    results, steps = [], {}
+    for impl in (i for i in IMPLS if i.name in chosen):
+        result = Result(impl.name, impl.kind)
+        try:
+            steps[impl.name] = impl.build(problem)
+        except ImportError as err:
+            result.check = f"skipped: {err}"
+        results.append(result)
+
+    # 1. check (the first call also compiles)
+    reference = None
+    for result in results:
+        if result.name not in steps:
+            continue
+        say(f"  checking {result.name}")
+        start = time.perf_counter()
+        grads = steps[result.name]()
+        _sync(device)
+        result.first_call_s = time.perf_counter() - start
+        if result.kind == "floor":
+            result.check = "(floor: no meta-gradient)"
+        elif result.name == REFERENCE:
+            reference = grads
+            result.check = "ok (reference)"
+        elif grads is None:
+            result.check = "none: every .grad is None"
+        else:
+            result.rel_diff = _rel_diff(grads, reference)
+            result.check = ("ok" if result.rel_diff < TOLERANCE else "DIFFERS") + f" ({result.rel_diff:.0e})"
+            if result.rel_diff >= TOLERANCE and "vmap" in result.name and _has_batch_norm(problem.model):
+                notes.append(f"{result.name}: second derivatives of batch norm under vmap are wrong in this "
+                             "torch (functorch's batching rule for the batch-norm backward, pytorch/functorch#534); "
+                             "the Python loop, learn2learn, higher and TorchOpt agree, so the loop is the reference")
+
+    # 2. time, round-robin
+    timed = [r for r in results if r.name in steps]
+    for _ in range(warmup):
+        for r in timed:
+            steps[r.name]()
+    _sync(device)
+    say(f"  timing {len(timed)} implementations, {repeats} rounds")
+    for _ in range(repeats):
+        for r in timed:
+            start = time.perf_counter()
+            steps[r.name]()
+            _sync(device)
+            r.times.append(time.perf_counter() - start)
+
+    # 3. memory
+    if memory:
+        prepare_memory_measurement()
+        for r in timed:
+            r.peak_bytes = peak_memory(steps[r.name], device)
+    return Report(config, str(device), torch.get_num_threads(), results, notes)
+
+
+# ------------------------------------------------------------------------ reporting
+
+
+def _fmt(value: float | None, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def format_report(report: Report) -> str:
+    """The report as a text table, with the summary line last."""
+    l2l, floor = report.get("learn2learn"), report.floor
+    lines = [report.config.describe(), f"device {report.device}, {report.threads} thread(s)"]
+    header = (f"{'implementation':23s} {'meta-gradient check':26s} {'median ms':>10s} {'min ms':>9s} "
+              f"{'tasks/s':>9s} {'peak MiB':>9s} {'vs l2l':>7s} {'vs floor':>8s}")
+    lines += [header, "-" * len(header)]
+    for r in report.results:
+        if not r.times:
+            lines.append(f"{r.name:23s} {r.check}")
+            continue
+        tasks = None if r.kind == "floor" else report.config.tasks / r.median
+        mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
+        lines.append(
+            f"{r.name:23s} {r.check:26s} {1e3 * r.median:10.2f} {1e3 * r.min:9.2f} {_fmt(tasks, '9.1f'):>9s} "
+            f"{_fmt(mib, '9.1f'):>9s} {_fmt(report.ratio(r, l2l), '7.3f'):>7s} {_fmt(report.ratio(r, floor), '8.2f'):>8s}"
+        )
+    compiled = report.get("metabp vmap+compile")
+    if compiled is not None and compiled.first_call_s is not None:
+        lines.append(f"metabp vmap+compile: first call (compilation) {compiled.first_call_s:.1f} s, not in the timings")
+    lines += report.notes
+    line = summary_line(report)
+    if line:
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def summary_line(report: Report) -> str | None:
+    """``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y`` for the fastest metabp path."""
+    best, l2l, floor = report.fastest_metabp, report.get("learn2learn"), report.floor
+    if best is None or l2l is None or floor is None:
+        return None
+    return (f"{report.config.name} ratio_vs_learn2learn: {report.ratio(best, l2l):.3f} "
+            f"ratio_vs_floor: {report.ratio(best, floor):.2f}")
+
+
+def machine_description() -> str:
+    """CPU model, core count, torch version and load average, for the report's header."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load average {load}"

@@ -1,0 +1,104 @@
+"""``python -m metabp bench`` at toy sizes: the gradient check, the report and its last lines.
+
+Only behaviour is tested here; speed is what the command itself reports.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pytest
+import torch
+
+from metabp.bench import BenchConfig, format_report, make_problem, peak_memory, run, summary_line
+from metabp.cli import main
+
+SUMMARY = re.compile(r"^(sinusoid|omniglot) ratio_vs_learn2learn: (\d+\.\d+) ratio_vs_floor: (\d+\.\d+)$")
+
+
+def test_every_implementation_is_checked_on_the_sinusoid():
+    report = run(BenchConfig("sinusoid", meta_batch_size=3, width=8), repeats=2, warmup=0, compile=False)
+    checks = {r.name: r.check for r in report.results}
+    assert "metabp vmap+compile" not in checks
+    for name in ("metabp vmap", "learn2learn", "higher", "torchopt"):
+        assert checks[name].startswith("ok"), (name, checks[name])
+    assert checks["article listing"].startswith("none")
+    assert all(len(r.times) == 2 and r.median > 0 for r in report.results)
+    text = format_report(report)
+    assert SUMMARY.match(text.splitlines()[-1]), text
+    assert report.fastest_metabp.kind == "metabp"
+
+
+def test_first_order_and_two_steps_agree_on_the_omniglot_network():
+    config = BenchConfig("omniglot", meta_batch_size=2, inner_steps=2, first_order=True, width=4)
+    report = run(config, impls=("metabp vmap", "learn2learn", "higher", "torchopt", "floor, per task"),
+                 repeats=1, warmup=0, memory=False)
+    checks = {r.name: r.check for r in report.results}
+    assert checks["metabp loop"] == "ok (reference)"  # always run, as the reference
+    for name in ("metabp vmap", "learn2learn", "higher", "torchopt"):
+        assert checks[name].startswith("ok"), (name, checks[name])
+    assert all(r.peak_bytes is None for r in report.results)
+
+
+def test_omniglot_problem_has_the_episode_shapes():
+    problem = make_problem(BenchConfig("omniglot", meta_batch_size=3, width=4))
+    b = problem.batch
+    assert b.x_spt.shape == (3, 5, 1, 28, 28) and b.x_qry.shape == (3, 75, 1, 28, 28)
+    assert b.y_spt[0].tolist() == [0, 1, 2, 3, 4]
+    assert b.y_qry[0].tolist() == [c for c in range(5) for _ in range(15)]
+    assert problem.model(b.x_spt[0]).shape == (5, 5)
+
+
+def test_summary_needs_learn2learn_and_a_floor():
+    report = run(BenchConfig("sinusoid", meta_batch_size=2, width=4), impls=("metabp vmap",), repeats=1,
+                 warmup=0, compile=False, memory=False)
+    assert summary_line(report) is None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
+def test_peak_memory_sees_a_large_temporary():
+    from metabp.bench import prepare_memory_measurement
+
+    prepare_memory_measurement()
+
+    def step():
+        x = torch.ones(4 * 2**20)  # 16 MiB, written
+        return {"x": x.sum()}
+
+    peak = peak_memory(step, torch.device("cpu"))
+    assert 15 * 2**20 < peak < 40 * 2**20, peak
+
+
+def test_config_arguments_are_checked():
+    with pytest.raises(ValueError, match="config"):
+        BenchConfig("mnist")
+    with pytest.raises(ValueError, match="inner_steps"):
+        BenchConfig("sinusoid", inner_steps=0)
+    with pytest.raises(ValueError, match="unknown implementation"):
+        run(BenchConfig("sinusoid"), impls=("jax",))
+
+
+def run_cli(args, capsys):
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as exit_:
+        code = exit_.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_command_line_ends_with_one_summary_line_per_config(capsys):
+    code, out, err = run_cli(["bench", "sinusoid", "--meta-batch-size", 2, "--width", 4, "--repeats", 1,
+                              "--warmup", 0, "--compile", "off", "--no-memory", "--threads", 1], capsys)
+    assert code == 0, err
+    last = out.strip().splitlines()[-1]
+    assert SUMMARY.match(last), out
+    assert "torch threads: 1" in out
+
+
+def test_command_line_errors_are_one_line(capsys):
+    code, out, err = run_cli(["bench", "sinusoid", "--impls", "jax"], capsys)
+    assert code == 2 and "unknown implementation" in err and len(err.strip().splitlines()) == 1
+    code, out, err = run_cli(["bench", "cifar"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1
