@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import metabp.fewshot as fewshot
-from metabp.cli import main
+from metabp.cli import PRESETS, main
+from metabp.fewshot import FewShotConfig
 from runs_fixture import make_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,6 +127,14 @@ def test_errors_are_one_line(tmp_path, runs_dir, capsys):
         code, _, err = run_cli(args, capsys)
         assert needle in one_line_error(code, err), (args, err)
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_presets_are_the_chapter_and_maml_paper_configurations():
+    assert PRESETS["chapter"] == FewShotConfig()
+    for name, ways, steps, lr, batch in [("maml-paper-5way", 5, 1, 0.4, 32), ("maml-paper-20way", 20, 5, 0.1, 16)]:
+        c = PRESETS[name]
+        assert (c.ways, c.inner_steps, c.inner_lr, c.meta_batch_size) == (ways, steps, lr, batch)
+        assert (c.hidden, c.iterations, c.algorithm, c.background, c.cosine) == (64, 60000, "maml", "full", False)
 
 
 def test_the_module_runs_as_a_program(tmp_path):

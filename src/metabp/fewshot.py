@@ -127,8 +127,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBa
 def default_test_steps(config: FewShotConfig) -> int:
     """Inner steps at test time by default: three, and never fewer than training took.
 
-    A learner meta-trained with one step keeps improving for a few more on a new
-    task (chapter 6.1 plots accuracy against the number of steps).
+    A few steps more than training's cost little at test time and do not hurt a
+    MAML learner (chapter 6.1 plots accuracy against the number of steps).
     """
     return max(3, config.inner_steps)
 
@@ -209,6 +209,8 @@ def train(
         classes: meta-training classes, e.g. ``load_split(config.background, 'train')``.
         out: checkpoint file, written every ``checkpoint_every`` iterations and at the end.
         resume: continue from ``out`` (which must exist) instead of starting afresh.
+            On a CPU the resumed run ends with exactly the parameters of an
+            uninterrupted one; on a GPU, only up to its kernels' own nondeterminism.
         device: where to train ('cpu', 'cuda').
         progress: show a progress bar.
         callback: ``callback(iteration, model)`` after every iteration (e.g. to track
