@@ -32,13 +32,24 @@ def test_every_implementation_is_checked_on_the_sinusoid():
 
 def test_first_order_and_two_steps_agree_on_the_omniglot_network():
     config = BenchConfig("omniglot", meta_batch_size=2, inner_steps=2, first_order=True, width=4)
-    report = run(config, impls=("metabp vmap", "learn2learn", "higher", "torchopt", "floor, per task"),
+    report = run(config, impls=("metabp vmap", "learn2learn", "higher", "torchopt", "floor (per task)"),
                  repeats=1, warmup=0, memory=False)
     checks = {r.name: r.check for r in report.results}
     assert checks["metabp loop"] == "ok (reference)"  # always run, as the reference
     for name in ("metabp vmap", "learn2learn", "higher", "torchopt"):
         assert checks[name].startswith("ok"), (name, checks[name])
     assert all(r.peak_bytes is None for r in report.results)
+
+
+def test_second_order_vmap_agrees_on_the_omniglot_network():
+    # vmap runs through metabp.convnet.TaskBatchNorm2d (vmap's second derivatives of
+    # nn.BatchNorm2d are wrong in this torch) and must match the loop.
+    config = BenchConfig("omniglot", meta_batch_size=2, width=4)
+    report = run(config, impls=("metabp vmap", "learn2learn", "floor (per task)"), repeats=1, warmup=0,
+                 memory=False)
+    checks = {r.name: r.check for r in report.results}
+    assert checks["metabp vmap"].startswith("ok"), checks
+    assert any("TaskBatchNorm2d" in note for note in report.notes), report.notes
 
 
 def test_omniglot_problem_has_the_episode_shapes():

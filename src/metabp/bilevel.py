@@ -19,7 +19,9 @@ Reptile and implicit MAML, which compute their meta-updates differently, live
 in :mod:`metabp.variants` and reuse the inner step defined here.
 
 The loss over a meta-batch is either a Python loop over tasks or one
-``torch.func.vmap`` call (``vectorize=True``); both give the same numbers.
+``torch.func.vmap`` call (``vectorize=True``); both give the same numbers, except
+for second-order meta-gradients through built-in batch norm, which ``vmap`` gets
+wrong in this torch (see :func:`check_vmap_second_order`).
 """
 
 from __future__ import annotations
@@ -210,6 +212,25 @@ def task_loss(
     return inner.loss_fn(forward(model, adapted, x_qry), y_qry)
 
 
+def check_vmap_second_order(model: nn.Module, inner: InnerLoop) -> None:
+    """Refuse a second-order meta-gradient under ``vmap`` through built-in batch norm.
+
+    This torch's batching rule for the batch-norm backward is wrong
+    (pytorch/functorch#534): the second-order meta-gradient of a network with
+    ``nn.BatchNorm*`` in training mode comes out off by about 1e-3 of its size under
+    ``vmap``, silently. The loop over tasks is exact, and so is ``vmap`` through
+    :class:`metabp.convnet.TaskBatchNorm2d`.
+    """
+    if inner.first_order or inner.inner_steps == 0:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training:
+            raise ValueError(
+                f"vectorize=True with a second-order inner loop is not exact through the built-in batch norm "
+                f"{name!r} (torch's vmap rule for its backward is wrong, pytorch/functorch#534); use "
+                f"vectorize=False, first_order=True, or metabp.convnet.vmap_safe(model)")
+
+
 def meta_loss(
     model: nn.Module,
     params: Params,
@@ -234,6 +255,8 @@ def meta_loss(
     """
     check_task_batch(batch)
     if vectorize:
+        check_vmap_second_order(model, inner)
+
         def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
             return task_loss(model, params, x_spt, y_spt, x_qry, y_qry, inner, lrs)
 

@@ -121,7 +121,10 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBa
     """One meta-update of ``config.algorithm`` on ``batch``; the loss before it."""
     if config.algorithm == "protonet":
         return protonet.train_step(model, optimizer, batch)
-    return meta_step(model, optimizer, batch, config.inner, vectorize=True)
+    # A Python loop over the episodes: exact through batch norm (vmap's second
+    # derivatives of nn.BatchNorm2d are not, see metabp.convnet) and, on a CPU,
+    # no slower than vmap for this network.
+    return meta_step(model, optimizer, batch, config.inner, vectorize=False)
 
 
 def default_test_steps(config: FewShotConfig) -> int:
