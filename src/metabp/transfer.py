@@ -1,0 +1,259 @@
+"""Domain shift and transfer learning for few-shot classification (chapter 6.2).
+
+Three pieces that the domain-adaptation chapter puts beside MAML and prototypical
+networks:
+
+* :func:`load_digits`: scikit-learn's bundled 8x8 handwritten digits (no download)
+  as :class:`~metabp.episodes.ImageClasses` in Omniglot's format (28x28, ink high),
+  a target domain that a learner meta-trained on Omniglot characters has never seen;
+* :func:`rotate`: the same classes turned by any angle, a shift whose size is a knob;
+* the transfer-learning baseline: :func:`pretrain_classifier` trains one Conv4 as an
+  ordinary classifier over every background class at once, and :func:`with_new_head`
+  gives it (or a freshly initialised network, for training from scratch) an
+  all-zero head for the few classes of a test task, whose weights are then fitted by
+  plain gradient descent on the support set (:func:`linear_probe_accuracy` fits the
+  head alone on frozen features, :func:`scratch_accuracy` every layer).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from pathlib import Path
+
+from . import checkpoint
+from .bilevel import InnerLoop
+from .checks import positive_float, positive_int
+from .convnet import Conv4
+from .episodes import ImageClasses, _to_float
+from .evaluation import adaptation_curve
+from .tasks import TaskBatch
+from .training import History, seed_everything
+
+#: Drawings kept per digit class: scikit-learn's data set has 174 to 183 per class,
+#: and :class:`~metabp.episodes.ImageClasses` needs the same number for every class.
+DIGITS_DRAWINGS = 174
+
+
+def load_digits(size: int = 28, box: int = 20, drawings: int = DIGITS_DRAWINGS) -> ImageClasses:
+    """scikit-learn's handwritten digits (Alpaydin & Kaynak, UCI) as ten image classes.
+
+    Each 8x8 image (intensities 0 to 16, ink high) is scaled up bilinearly to a
+    ``box`` x ``box`` square and centred on a ``size`` x ``size`` background, as MNIST
+    centres its digits in a 20-pixel box of a 28-pixel image; intensities are mapped
+    to 0..255. The first ``drawings`` images of every digit, in the data set's order,
+    are kept.
+
+    Returns:
+        :class:`~metabp.episodes.ImageClasses` ``(10, drawings, size, size)``, class ``d``
+        named ``"digits/d"``.
+    """
+    positive_int("size", size)
+    positive_int("box", box)
+    positive_int("drawings", drawings)
+    if box > size:
+        raise ValueError(f"box must be at most size ({size}), got {box}")
+    if drawings > DIGITS_DRAWINGS:
+        raise ValueError(f"drawings must be at most {DIGITS_DRAWINGS} (the rarest digit's count), got {drawings}")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits
+    except ImportError as error:  # pragma: no cover - scikit-learn is a requirement
+        raise ImportError("load_digits needs scikit-learn: pip install scikit-learn") from error
+    data = sklearn_digits()
+    images = torch.as_tensor(data.images, dtype=torch.float32) / 16.0
+    targets = torch.as_tensor(data.target)
+    big = F.interpolate(images.unsqueeze(1), size=(box, box), mode="bilinear", align_corners=False).squeeze(1)
+    pad = size - box
+    big = F.pad(big, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    pixels = (big.clamp(0, 1) * 255).round().to(torch.uint8)
+    per_class = [pixels[targets == d][:drawings] for d in range(10)]
+    return ImageClasses(torch.stack(per_class), tuple(f"digits/{d}" for d in range(10)))
+
+
+def rotate(classes: ImageClasses, degrees: float) -> ImageClasses:
+    """Every drawing turned by ``degrees`` (counter-clockwise, bilinear, about the centre).
+
+    Unlike :meth:`~metabp.episodes.ImageClasses.with_rotations` (multiples of 90
+    degrees, each a class of its own), this keeps the classes and moves them away
+    from what a learner has seen: the knob of chapter 6.2's controlled shift.
+    """
+    if isinstance(degrees, bool) or not isinstance(degrees, (int, float)) or not -360 <= degrees <= 360:
+        raise ValueError(f"degrees must be a number from -360 to 360, got {degrees!r}")
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import rotate as tv_rotate
+
+    c, m, h, w = classes.images.shape
+    turned = tv_rotate(classes.images.reshape(c * m, 1, h, w), float(degrees),
+                       interpolation=InterpolationMode.BILINEAR)
+    suffix = f"/turn{degrees:g}"
+    return ImageClasses(turned.reshape(c, m, h, w).contiguous(), tuple(n + suffix for n in classes.names))
+
+
+def pretrain_classifier(
+    classes: ImageClasses,
+    hidden: int = 32,
+    iterations: int = 1000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    progress: bool = True,
+    cosine: bool = True,
+) -> tuple[Conv4, History]:
+    """Transfer learning's starting point: one Conv4 trained to tell *all* ``classes`` apart.
+
+    Ordinary supervised training with Adam on random mini-batches of drawings, labels
+    the class indices; no tasks, no inner loop. Batch norm sees each mini-batch's
+    statistics, as it does in every other learner of the book. With ``cosine`` the
+    learning rate decays to zero along a cosine, as in the few-shot meta-training.
+
+    Returns:
+        The network (its head has ``len(classes)`` outputs) and the loss history.
+    """
+    positive_int("hidden", hidden)
+    positive_int("iterations", iterations)
+    positive_int("batch_size", batch_size)
+    positive_float("lr", lr)
+    generator = seed_everything(seed)
+    model = Conv4(len(classes), hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations) if cosine else None
+    c, m = len(classes), classes.drawings
+    history = History()
+    start = time.perf_counter()
+    for _ in tqdm(range(iterations), desc="pretraining", disable=not progress, mininterval=5.0):
+        label = torch.randint(c, (batch_size,), generator=generator)
+        drawing = torch.randint(m, (batch_size,), generator=generator)
+        x = _to_float(classes.images[label, drawing])
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), label)
+        loss.backward()
+        opt.step()
+        if schedule is not None:
+            schedule.step()
+        history.loss.append(loss.item())
+    history.seconds = time.perf_counter() - start
+    return model, history
+
+
+def save_classifier(path: Path | str, model: Conv4, history: History, settings: dict) -> None:
+    """Write a pretrained classifier, its loss history and the settings that made it, atomically."""
+    checkpoint.save(path, {"kind": "classifier", "settings": dict(settings), "ways": model.ways,
+                           "hidden": model.hidden, "model": model.state_dict(),
+                           "loss": list(history.loss), "seconds": history.seconds})
+
+
+def load_classifier(path: Path | str) -> tuple[Conv4, dict]:
+    """Read what :func:`save_classifier` wrote: the network and the whole stored state."""
+    state = checkpoint.load(path)
+    if state.get("kind") != "classifier":
+        raise checkpoint.CheckpointError(
+            f"{path} is not a pretrained classifier (write one with: python -m metabp pretrain omniglot --out PATH)")
+    model = Conv4(state["ways"], state["hidden"])
+    model.load_state_dict(state["model"])
+    return model, state
+
+
+def with_new_head(model: Conv4 | None, ways: int, hidden: int = 32, seed: int = 0) -> Conv4:
+    """A Conv4 for ``ways`` classes with an all-zero head.
+
+    With a ``model``, its body is copied (fine-tuning a pretrained network); with
+    ``None``, the body is freshly initialised from ``seed`` with ``hidden`` filters
+    (training from scratch). A zero head predicts every class with the same
+    probability, so nothing about the order of a task's labels is assumed.
+    """
+    positive_int("ways", ways)
+    if model is None:
+        torch.manual_seed(seed)
+        new = Conv4(ways, hidden)
+    else:
+        if not isinstance(model, Conv4):
+            raise ValueError(f"model must be a Conv4 or None, got {type(model).__name__}")
+        new = copy.deepcopy(model)
+        new.head = nn.Linear(model.hidden, ways).to(model.head.weight)
+    with torch.no_grad():
+        new.head.weight.zero_()
+        new.head.bias.zero_()
+    return new
+
+
+def _tasks(batch: TaskBatch):
+    for i in range(batch.num_tasks):
+        yield TaskBatch(*(t[i : i + 1] for t in batch))
+
+
+def scratch_accuracy(
+    batch: TaskBatch,
+    lr: float,
+    steps: Sequence[int],
+    hidden: int = 32,
+    seed: int = 0,
+    start: Conv4 | None = None,
+) -> Tensor:
+    """Query accuracy ``(len(steps), B)`` after training every parameter on each task's support set.
+
+    Each task starts from :func:`with_new_head` of ``start`` (``None``: a freshly
+    initialised Conv4 with ``hidden`` filters, the same for every task) and takes
+    plain full-batch gradient steps of size ``lr`` on its support loss; ``steps`` are
+    the step counts reported. With a pretrained ``start`` this is fine-tuning of the
+    whole network. Tasks run one at a time (on a CPU, faster than ``vmap``'s grouped
+    convolutions).
+    """
+    positive_float("lr", lr)
+    ways = int(batch.y_spt.max()) + 1
+    model = with_new_head(start, ways, hidden, seed)
+    inner = InnerLoop("cross_entropy", lr, 1, True)
+    return torch.cat([adaptation_curve(model, task, inner, list(steps), metric="accuracy") for task in _tasks(batch)], 1)
+
+
+@torch.no_grad()
+def embed_tasks(model: Conv4, batch: TaskBatch) -> tuple[Tensor, Tensor]:
+    """The body's features of every task's support and query images, ``(B, N*K, hidden)``
+    and ``(B, N*Q, hidden)``; batch norm normalises each set with its own statistics,
+    as during adaptation."""
+    spt = torch.stack([model.embed(x) for x in batch.x_spt])
+    qry = torch.stack([model.embed(x) for x in batch.x_qry])
+    return spt, qry
+
+
+def linear_probe_accuracy(model: Conv4, batch: TaskBatch, lr: float, steps: Sequence[int]) -> Tensor:
+    """Query accuracy ``(len(steps), B)`` of a new linear head fitted on frozen features.
+
+    The transfer-learning baseline of Chen et al. (2019, "Baseline"): the pretrained
+    body is kept fixed, and for each task a softmax classifier, started at zero, is
+    fitted to the support set's features by full-batch gradient descent with step
+    ``lr``; ``steps`` are the step counts reported. All tasks are fitted at once
+    (their heads are independent), which makes this baseline cheap.
+    """
+    positive_float("lr", lr)
+    steps = list(steps)
+    if not steps or any(not isinstance(k, int) or k < 0 for k in steps) or steps != sorted(steps):
+        raise ValueError(f"steps must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
+    z_spt, z_qry = embed_tasks(model, batch)
+    ways = int(batch.y_spt.max()) + 1
+    b, _, h = z_spt.shape
+    weight = torch.zeros(b, ways, h, requires_grad=True)
+    bias = torch.zeros(b, ways, requires_grad=True)
+
+    def logits(z: Tensor) -> Tensor:
+        return torch.einsum("bnh,bwh->bnw", z, weight) + bias.unsqueeze(1)
+
+    out, done = [], 0
+    for k in steps:
+        for _ in range(k - done):
+            # summed over tasks, so each head receives its own task's gradient
+            loss = F.cross_entropy(logits(z_spt).flatten(0, 1), batch.y_spt.flatten(), reduction="sum") / batch.y_spt.shape[1]
+            gw, gb = torch.autograd.grad(loss, (weight, bias))
+            with torch.no_grad():
+                weight -= lr * gw
+                bias -= lr * gb
+        done = k
+        with torch.no_grad():
+            out.append((logits(z_qry).argmax(-1) == batch.y_qry).float().mean(1))
+    return torch.stack(out)
