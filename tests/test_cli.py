@@ -146,3 +146,26 @@ def test_the_module_runs_as_a_program(tmp_path):
     done = subprocess.run([sys.executable, "-m", "metabp", "train", "omniglot", "--help"],
                           capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and "--resume" in done.stdout and "--preset" in done.stdout
+
+
+def test_pretrain_writes_a_classifier_and_refuses_to_overwrite(tmp_path, capsys):
+    from metabp.transfer import load_classifier
+
+    out = tmp_path / "classifier.pt"
+    args = ["pretrain", "omniglot", "--out", out, "--hidden", "4", "--iterations", "3", "--batch-size", "8",
+            "--no-progress"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "pretrained a 544-class classifier for 3 iterations" in stdout
+    model, state = load_classifier(out)
+    assert model.ways == 544 and model.hidden == 4 and len(state["loss"]) == 3
+    assert state["settings"]["batch_size"] == 8
+    assert "exists" in one_line_error(*run_cli(args, capsys)[::2])
+    line = one_line_error(*run_cli(["pretrain", "omniglot", "--out", tmp_path / "x.pt", "--background", "tiny"],
+                                   capsys)[::2])
+    assert "--background must be one of small1, small2, full" in line
+    # a meta-learning checkpoint is not a classifier
+    fewshot_ckpt = tmp_path / "maml.pt"
+    assert run_cli(["train", "omniglot", "--out", fewshot_ckpt, *TINY], capsys)[0] == 0
+    with pytest.raises(Exception, match="not a pretrained classifier"):
+        load_classifier(fewshot_ckpt)

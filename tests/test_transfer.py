@@ -102,13 +102,46 @@ def test_linear_probe_equals_a_separate_fit_per_task(tasks):
         transfer.linear_probe_accuracy(model, tasks, lr=0.5, steps=[5, 1])
 
 
-def test_scratch_training_fits_the_support_set(tasks):
+def test_training_from_scratch_fits_the_support_set(tasks):
     # queries equal to the support set: training must fit them
     fit = TaskBatch(tasks.x_spt, tasks.y_spt, tasks.x_spt, tasks.y_spt)
-    acc = transfer.scratch_accuracy(fit, lr=0.5, steps=[0, 30], hidden=8)
+    acc = transfer.fine_tune_accuracy(None, fit, lr=0.5, steps=[0, 30], hidden=8)
     assert acc.shape == (2, 3)
     assert torch.allclose(acc[0], torch.full((3,), 0.2))
     assert acc[1].min() > 0.8
+    with pytest.raises(ValueError, match="non-decreasing"):
+        transfer.fine_tune_accuracy(None, fit, lr=0.5, steps=[3, 2], hidden=8)
+
+
+def test_fine_tuning_equals_sgd_on_a_copy_and_leaves_the_model_alone(tasks):
     torch.manual_seed(1)
-    tuned = transfer.scratch_accuracy(fit, lr=0.5, steps=[30], start=Conv4(ways=9, hidden=8))
-    assert tuned.shape == (1, 3)
+    model = Conv4(ways=9, hidden=8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    got = transfer.fine_tune_accuracy(model, tasks, lr=0.1, steps=[2, 4])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for i in range(3):
+        net = transfer.with_new_head(model, 5)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        for step in range(4):
+            opt.zero_grad()
+            F.cross_entropy(net(tasks.x_spt[i]), tasks.y_spt[i]).backward()
+            opt.step()
+            if step in (1, 3):
+                with torch.no_grad():
+                    want = (net(tasks.x_qry[i]).argmax(1) == tasks.y_qry[i]).float().mean()
+                assert got[(step - 1) // 2, i] == want
+
+
+def test_keeping_the_head_is_mamls_test_time_adaptation(tasks):
+    from metabp.fewshot import FewShotConfig, accuracy, build_model
+
+    config = FewShotConfig(hidden=8, ways=7, inner_lr=0.3)
+    torch.manual_seed(2)
+    model = build_model(config)
+    want = accuracy(model, tasks, config, steps=[0, 1, 3])
+    got = transfer.fine_tune_accuracy(model, tasks, config.inner_lr, [0, 1, 3], head="keep")
+    assert torch.allclose(got, want, atol=1e-6)
+    with pytest.raises(ValueError, match="head must be 'zero' or 'keep'"):
+        transfer.fine_tune_accuracy(model, tasks, 0.3, [1], head="new")
+    with pytest.raises(ValueError, match="needs a Conv4"):
+        transfer.fine_tune_accuracy(None, tasks, 0.3, [1], head="keep")

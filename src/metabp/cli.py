@@ -98,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(om)
     _add_config_options(om)
 
+    pre = commands.add_parser("pretrain", help="train an ordinary classifier for transfer learning")
+    pre_families = pre.add_subparsers(dest="family", required=True, parser_class=_Parser)
+    preo = pre_families.add_parser("omniglot", help="one classifier over all background classes (chapter 6.2)")
+    preo.add_argument("--out", required=True, type=Path, help="file to write")
+    preo.add_argument("--background", default="small1", help="Omniglot background split: small1, small2 or full")
+    preo.add_argument("--hidden", type=int, default=32, help="filters per convolution (default 32)")
+    preo.add_argument("--iterations", type=int, default=20000, help="updates (default 20000)")
+    preo.add_argument("--batch-size", type=int, default=64, help="drawings per update (default 64)")
+    preo.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3, cosine-decayed)")
+    preo.add_argument("--seed", type=int, default=0)
+    preo.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    preo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
     ev = commands.add_parser("evaluate", help="evaluate a checkpoint on held-out tasks")
     ev_families = ev.add_subparsers(dest="family", required=True, parser_class=_Parser)
     evo = ev_families.add_parser("omniglot", help="N-way K-shot accuracy on the held-out alphabets")
@@ -199,6 +212,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    from .omniglot import BACKGROUNDS, load_split
+    from .transfer import pretrain_classifier, save_classifier
+
+    if args.background not in BACKGROUNDS:
+        raise ValueError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {args.background!r}")
+    if args.out.exists():
+        raise ValueError(f"{args.out} exists; choose another --out")
+    if not args.out.parent.is_dir():
+        raise ValueError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    settings = {"background": args.background, "hidden": args.hidden, "iterations": args.iterations,
+                "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "cosine": True}
+    classes = load_split(args.background, "train")
+    model, history = pretrain_classifier(classes, args.hidden, args.iterations, args.batch_size, args.lr,
+                                         args.seed, args.progress)
+    save_classifier(args.out, model, history, settings)
+    print(f"pretrained a {model.ways}-class classifier for {args.iterations} iterations in {history.seconds:.0f} s "
+          f"(final loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); written to {args.out}")
+    return 0
+
+
 def _adapted_accuracy(args: argparse.Namespace, model, config, batch) -> torch.Tensor:
     from .fewshot import accuracy
 
@@ -281,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
+        if args.command == "pretrain":
+            return _pretrain(args)
         if args.command == "bench":
             return _bench(args)
         return _evaluate_runs(args)
