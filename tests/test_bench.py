@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from metabp.bench import BenchConfig, format_report, make_problem, peak_memory, run, summary_line
-from metabp.cli import main
+from cli_helpers import run_cli
 
 SUMMARY = re.compile(r"^(sinusoid|omniglot) ratio_vs_learn2learn: (\d+\.\d+) ratio_vs_floor: (\d+\.\d+)$")
 
@@ -90,13 +90,6 @@ def test_config_arguments_are_checked():
         run(BenchConfig("sinusoid"), impls=("jax",))
 
 
-def run_cli(args, capsys):
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_command_line_ends_with_one_summary_line_per_config(capsys):

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import metabp.fewshot as fewshot
-from metabp.cli import PRESETS, main
+from metabp.cli import PRESETS
 from metabp.fewshot import FewShotConfig
+from cli_helpers import run_cli
 from runs_fixture import make_runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,14 +21,6 @@ TINY = ["--hidden", "4", "--ways", "3", "--queries", "1", "--meta-batch-size", "
         "--checkpoint-every", "2", "--no-progress"]
 
 
-def run_cli(args, capsys):
-    """Exit status, stdout and stderr of the command line (argparse's own exits included)."""
-    try:
-        code = main([str(a) for a in args])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def one_line_error(code, err):

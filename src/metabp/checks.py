@@ -35,3 +35,12 @@ def one_of(name: str, value: Any, allowed: tuple) -> Any:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     return value
+
+
+def step_counts(name: str, value: Any) -> list[int]:
+    """Return ``list(value)`` if it is a non-empty, non-decreasing list of integers >= 0
+    (step counts at which to report a metric), else raise ``ValueError``."""
+    steps = list(value)
+    if not steps or any(not isinstance(s, int) or s < 0 for s in steps) or steps != sorted(steps):
+        raise ValueError(f"{name} must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
+    return steps

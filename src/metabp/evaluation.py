@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 
 from .bilevel import InnerLoop, Params, forward, get_params, inner_step
+from .checks import step_counts
 from .tasks import TaskBatch, check_task_batch
 
 METRICS = ("loss", "accuracy")
@@ -62,9 +63,7 @@ def adaptation_curve(
     check_task_batch(batch)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    steps = list(steps)
-    if not steps or any((not isinstance(s, int)) or s < 0 for s in steps) or steps != sorted(steps):
-        raise ValueError(f"steps must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
+    steps = step_counts("steps", steps)
     params = {k: v.detach() for k, v in (get_params(model) if params is None else params).items()}
     lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
     eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt)

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pathlib import Path
 
 from . import checkpoint
-from .checks import positive_float, positive_int
+from .checks import positive_float, positive_int, step_counts
 from .convnet import Conv4
 from .episodes import ImageClasses, _to_float
 from .tasks import TaskBatch
@@ -205,9 +205,7 @@ def fine_tune_accuracy(
     convolutions.
     """
     positive_float("lr", lr)
-    steps = list(steps)
-    if not steps or any(not isinstance(k, int) or k < 0 for k in steps) or steps != sorted(steps):
-        raise ValueError(f"steps must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
+    steps = step_counts("steps", steps)
     ways = int(batch.y_spt.max()) + 1
     if head == "keep":
         if not isinstance(model, Conv4):
@@ -254,9 +252,7 @@ def linear_probe_accuracy(model: Conv4, batch: TaskBatch, lr: float, steps: Sequ
     (their heads are independent), which makes this baseline cheap.
     """
     positive_float("lr", lr)
-    steps = list(steps)
-    if not steps or any(not isinstance(k, int) or k < 0 for k in steps) or steps != sorted(steps):
-        raise ValueError(f"steps must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
+    steps = step_counts("steps", steps)
     z_spt, z_qry = embed_tasks(model, batch)
     ways = int(batch.y_spt.max()) + 1
     b, _, h = z_spt.shape
