@@ -52,6 +52,40 @@ def test_second_order_vmap_agrees_on_the_omniglot_network():
     assert any("TaskBatchNorm2d" in note for note in report.notes), report.notes
 
 
+def test_check_runs_in_float64_and_flags_a_small_error(monkeypatch):
+    # A meta-gradient off by one part in a million would pass a float32 comparison
+    # (rounding alone reaches 1e-3 on the Conv4); the float64 check must flag it.
+    from metabp import bench
+    from metabp.bilevel import meta_gradient
+
+    built_in = []
+
+    def slightly_wrong(problem):
+        built_in.append(problem.batch.x_spt.dtype)
+        model = bench._fresh(problem)
+        return lambda: {k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner).items()}
+
+    monkeypatch.setattr(bench, "IMPLS", bench.IMPLS + (bench.Impl("slightly wrong", "metabp", slightly_wrong),))
+    report = run(BenchConfig("sinusoid", meta_batch_size=2, width=4), impls=("slightly wrong", "learn2learn"),
+                 repeats=1, warmup=0, memory=False, compile=False)
+    checks = {r.name: r.check for r in report.results}
+    assert checks["slightly wrong"].startswith("DIFFERS"), checks
+    assert checks["learn2learn"].startswith("ok"), checks
+    assert report.fastest_metabp.name == "metabp loop"  # the flagged one is left out of the summary
+    assert built_in == [torch.float64, torch.float32]  # checked in float64, timed in float32
+
+
+def test_problem_in_float64_has_the_same_values():
+    config = BenchConfig("omniglot", meta_batch_size=2, width=4)
+    single, double = make_problem(config), make_problem(config, dtype=torch.float64)
+    assert double.batch.x_qry.dtype == torch.float64 and double.batch.y_qry.dtype == torch.int64
+    assert torch.equal(single.batch.x_qry.double(), double.batch.x_qry)
+    for (name, a), (_, b) in zip(single.model.state_dict().items(), double.model.state_dict().items()):
+        assert b.dtype == torch.float64 and torch.allclose(a.double(), b), name
+    with pytest.raises(ValueError, match="dtype"):
+        make_problem(config, dtype=torch.float16)
+
+
 def test_omniglot_problem_has_the_episode_shapes():
     problem = make_problem(BenchConfig("omniglot", meta_batch_size=3, width=4))
     b = problem.batch
@@ -88,8 +122,6 @@ def test_config_arguments_are_checked():
         BenchConfig("sinusoid", inner_steps=0)
     with pytest.raises(ValueError, match="unknown implementation"):
         run(BenchConfig("sinusoid"), impls=("jax",))
-
-
 
 
 def test_command_line_ends_with_one_summary_line_per_config(capsys):
