@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metabp import l2l as l2l_face
-from metabp.metarl import MetaRL, adapt, adaptation_returns, meta_train, outer_loss, support_steps, surrogate
+from metabp.metarl import (MetaRL, adapt, adaptation_returns, choose_step_sizes, meta_train, outer_loss,
+                           support_steps, surrogate)
 from metabp.navigation import GaussianMLPPolicy, Navigation2D, Steps, linear_baseline, pack, returns_to_go, rollout
 
 
@@ -183,3 +184,52 @@ def test_meta_train_runs_and_evaluation_has_one_batch_per_step():
     assert len(out) == 3 and all(t.returns().shape == (4, 3) for t in out)
     with pytest.raises(ValueError, match="estimator"):
         MetaRL(estimator="dice")
+
+
+def test_cosine_schedule_decays_the_step_sizes_to_zero(monkeypatch):
+    env = Navigation2D(horizon=5)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=4)
+    seen = []
+    original = torch.optim.Adam.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", spy)
+    meta_train(env, policy, MetaRL(num_trajectories=2, meta_batch_size=2, outer_epochs=1, cosine=True,
+                                   meta_lr=1e-3, std_lr=1e-2), 4, seed=0)
+    assert seen[0] == [1e-3, 1e-2]  # full step sizes first
+    assert seen[-1][0] < seen[1][0] < 1e-3 and seen[-1][1] < 1e-2  # then smaller and smaller
+
+
+# --- MAML's released test goals and the choice of later step sizes --------------------------------
+
+
+def test_released_test_goals_are_the_scripts_numpy_draw():
+    np = pytest.importorskip("numpy")
+    goals = Navigation2D().released_test_goals()
+    state = np.random.RandomState(1)
+    assert goals.shape == (40, 2)
+    assert torch.allclose(goals, torch.tensor(state.uniform(-0.5, 0.5, size=(40, 2)), dtype=torch.float32))
+    # standing still on them scores about what the paper reports before adaptation (-40.41)
+    assert -100 * goals.norm(dim=1).mean().item() == pytest.approx(-40.08, abs=0.01)
+    with pytest.raises(ValueError, match=r"\[-0.5, 0.5\]"):
+        Navigation2D(goal_low=-1.0, goal_high=1.0).released_test_goals()
+
+
+def test_choose_step_sizes_returns_the_best_candidate_on_the_validation_goals():
+    env = Navigation2D(horizon=10)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=8)
+    goals = env.sample_goals(3, torch.Generator().manual_seed(0))
+    lrs, table = choose_step_sizes(env, policy, goals, 0.1, [1 / 2, 1 / 4], num_trajectories=2,
+                                   generator=torch.Generator().manual_seed(1))
+    assert set(table) == {1 / 2, 1 / 4} and all(len(v) == 4 for v in table.values())
+    best = max(table, key=lambda f: table[f][2] + table[f][3])
+    assert lrs == [0.1, 0.1 * best, 0.1 * best / 2]
+    # the candidates play the same episodes up to the first step they differ in
+    assert table[1 / 2][:2] == table[1 / 4][:2]
+    with pytest.raises(ValueError, match="factors"):
+        choose_step_sizes(env, policy, goals, 0.1, [])

@@ -73,6 +73,9 @@ class MetaRL:
         clip: PPO ratio clipping epsilon (``None``: no clipping).
         gamma: discount of the reward-to-go in the advantages.
         estimator: inner surrogate, 'lvc' or 'naive' (see :func:`surrogate`).
+        cosine: decay both Adam step sizes to zero along a cosine over the run
+            (:func:`meta_train`'s ``iterations``), which averages out the noise of the
+            last updates.
     """
 
     inner_lr: float = 0.1
@@ -85,6 +88,7 @@ class MetaRL:
     clip: float | None = 0.2
     gamma: float = 0.99
     estimator: str = "lvc"
+    cosine: bool = False
 
     def __post_init__(self) -> None:
         positive_float("inner_lr", self.inner_lr)
@@ -197,11 +201,14 @@ def meta_train(
     std = [p for n, p in policy.named_parameters() if n == "log_std"]
     rest = [p for n, p in policy.named_parameters() if n != "log_std"]
     optimizer = torch.optim.Adam([{"params": rest}, {"params": std, "lr": cfg.std_lr or cfg.meta_lr}], lr=cfg.meta_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations) if cfg.cosine else None
     history = RLHistory([], [])
     start = time.perf_counter()
     for i in range(iterations):
         goals = env.sample_goals(cfg.meta_batch_size, generator)
         before, after = meta_iteration(env, policy, optimizer, goals, cfg, generator)
+        if schedule is not None:
+            schedule.step()
         history.before.append(before), history.after.append(after)
         if callback is not None:
             callback(i, history)
@@ -229,3 +236,32 @@ def adaptation_returns(
         batched = True
         out.append(rollout(env, policy, p, goals, num_trajectories, generator, batched=True))
     return out
+
+
+def choose_step_sizes(
+    env: Navigation2D, policy: nn.Module, goals: Tensor, first: float, factors: Sequence[float],
+    num_trajectories: int = 20, generator: torch.Generator | None = None, estimator: str = "lvc",
+    gamma: float = 0.99,
+) -> tuple[list[float], dict[float, list[float]]]:
+    """Pick the step sizes of adaptation steps 2 and 3 on validation goals.
+
+    Each candidate schedule is ``[first, f * first, f * first / 2]`` for ``f`` in
+    ``factors`` (MAML halves the step size after the first step; this lets the
+    validation goals say by how much). Returns the schedule with the highest mean of the
+    returns after steps 2 and 3 on ``goals``, and every candidate's mean returns after
+    0..3 steps. All candidates play the same episodes up to their first differing step,
+    because each candidate is played with a generator seeded from one draw of ``generator``.
+    """
+    positive_float("first", first)
+    if not factors:
+        raise ValueError("factors must name at least one candidate, got an empty sequence")
+    seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
+    table: dict[float, list[float]] = {}
+    for f in factors:
+        positive_float("factor", f)
+        lrs = [first, f * first, f * first / 2]
+        out = adaptation_returns(env, policy, goals, lrs, num_trajectories, torch.Generator().manual_seed(seed),
+                                 estimator, gamma)
+        table[f] = [t.returns().mean().item() for t in out]
+    best = max(table, key=lambda f: table[f][2] + table[f][3])
+    return [first, best * first, best * first / 2], table

@@ -66,6 +66,24 @@ class Navigation2D:
         u = torch.rand(num_tasks, 2, generator=generator)
         return self.goal_low + (self.goal_high - self.goal_low) * u
 
+    def released_test_goals(self) -> Tensor:
+        """The 40 test goals of MAML's released evaluation script for this task, shape ``(40, 2)``.
+
+        The script draws them with NumPy's legacy generator after ``np.random.seed(1)``,
+        uniform on ``[-0.5, 0.5]^2`` (``maml_examples/test_maml_point.py`` in
+        github.com/cbfinn/maml_rl). Standing still on them scores -40.08 on the distance
+        reward, next to the -40.41 the paper reports before adaptation, which is why the
+        book sets its returns on these goals beside the paper's table. Only defined for
+        the default square.
+        """
+        import numpy as np
+
+        if (self.goal_low, self.goal_high) != (-0.5, 0.5):
+            raise ValueError("released_test_goals is defined for goals on [-0.5, 0.5]^2 only, "
+                             f"this environment draws them on [{self.goal_low}, {self.goal_high}]^2")
+        state = np.random.RandomState(1)
+        return torch.from_numpy(state.uniform(-0.5, 0.5, size=(40, 2))).float()
+
     def step(self, position: Tensor, action: Tensor, goal: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """One step for any batch shape ``(..., 2)``: returns ``(position, reward, done)``.
 
