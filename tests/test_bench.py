@@ -75,6 +75,20 @@ def test_check_runs_in_float64_and_flags_a_small_error(monkeypatch):
     assert built_in == [torch.float64, torch.float32]  # checked in float64, timed in float32
 
 
+def test_flop_count_of_a_matrix_product_and_of_the_meta_step():
+    from metabp.bench import count_flops
+
+    a, b = torch.ones(3, 4), torch.ones(4, 5)
+    assert count_flops(lambda: a @ b) == 2 * 3 * 4 * 5
+    assert count_flops(lambda: a + 1) is None  # elementwise work is not counted
+    report = run(BenchConfig("omniglot", meta_batch_size=2, width=4), impls=("learn2learn", "floor (per task)"),
+                 repeats=1, warmup=0, memory=False)
+    loop, floor = report.get("metabp loop"), report.get("floor (per task)")
+    # a meta-step does the floor's arithmetic and more (the inner step on the support images)
+    assert report.get("learn2learn").flops == loop.flops > floor.flops > 0
+    assert "counted FLOPs of" in format_report(report)
+
+
 def test_problem_in_float64_has_the_same_values():
     config = BenchConfig("omniglot", meta_batch_size=2, width=4)
     single, double = make_problem(config), make_problem(config, dtype=torch.float64)

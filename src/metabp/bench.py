@@ -27,6 +27,9 @@ The protocol:
    and ``repeats`` rounds, each timing every
    implementation once in turn (so a change of machine load hits all alike);
    median and minimum per implementation;
+   The first call also counts the floating-point operations of matrix products and
+   convolutions (``torch.utils.flop_counter``): the ratio of a meta-step's count to the
+   floor's is the time ratio it would have if both ran their arithmetic equally fast;
 3. **memory**: the peak growth of the process's resident memory (``VmHWM``
    after resetting it through ``/proc/self/clear_refs``) during one more call,
    with glibc told to return every freed block of 64 KiB or more to the system,
@@ -277,6 +280,7 @@ class Result:
     check: str = ""
     rel_diff: float | None = None
     first_call_s: float | None = None
+    flops: int | None = None
     times: list[float] = field(default_factory=list)
     peak_bytes: int | None = None
 
@@ -312,6 +316,17 @@ class Report:
 
     def ratio(self, result: Result, to: Result | None) -> float | None:
         return None if to is None else result.median / to.median
+
+
+def count_flops(step: Step) -> int | None:
+    """Floating-point operations of one call of ``step`` in matrix products and convolutions,
+    as :class:`torch.utils.flop_counter.FlopCounterMode` counts them (elementwise work is not
+    counted); ``None`` where nothing is counted (a compiled step runs outside the counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops() or None
 
 
 def _sync(device: torch.device) -> None:
@@ -474,6 +489,7 @@ def run(
         steps[r.name]()
         _sync(device)
         r.first_call_s = time.perf_counter() - start
+        r.flops = count_flops(steps[r.name])
     for _ in range(warmup):
         for r in timed:
             steps[r.name]()
@@ -506,7 +522,7 @@ def format_report(report: Report) -> str:
     l2l, floor = report.get("learn2learn"), report.floor
     lines = [report.config.describe(), f"device {report.device}, {report.threads} thread(s)"]
     header = (f"{'implementation':23s} {'meta-gradient (float64)':26s} {'median ms':>10s} {'min ms':>9s} "
-              f"{'tasks/s':>9s} {'peak MiB':>9s} {'vs l2l':>7s} {'vs floor':>8s}")
+              f"{'tasks/s':>9s} {'peak MiB':>9s} {'GFLOP':>7s} {'vs l2l':>7s} {'vs floor':>8s}")
     lines += [header, "-" * len(header)]
     for r in report.results:
         if not r.times:
@@ -514,14 +530,20 @@ def format_report(report: Report) -> str:
             continue
         tasks = None if r.kind == "floor" else report.config.tasks / r.median
         mib = None if r.peak_bytes is None else r.peak_bytes / 2**20
+        gflop = None if r.flops is None else r.flops / 1e9
         lines.append(
             f"{r.name:23s} {r.check:26s} {1e3 * r.median:10.2f} {1e3 * r.min:9.2f} {_fmt(tasks, '9.1f'):>9s} "
-            f"{_fmt(mib, '9.1f'):>9s} {_fmt(report.ratio(r, l2l), '7.3f'):>7s} {_fmt(report.ratio(r, floor), '8.2f'):>8s}"
+            f"{_fmt(mib, '9.1f'):>9s} {_fmt(gflop, '7.3f'):>7s} {_fmt(report.ratio(r, l2l), '7.3f'):>7s} "
+            f"{_fmt(report.ratio(r, floor), '8.2f'):>8s}"
         )
     compiled = report.get("metabp vmap+compile")
     if compiled is not None and compiled.first_call_s is not None:
         lines.append(f"metabp vmap+compile: first call (compilation) {compiled.first_call_s:.1f} s, not in the timings")
     lines += report.notes
+    best = report.fastest_metabp
+    if best is not None and floor is not None and best.flops and floor.flops:
+        lines.append(f"counted FLOPs of {best.name} against the floor: {best.flops / floor.flops:.3f} "
+                     "(the ratio its time would have at the floor's arithmetic speed)")
     line = summary_line(report)
     if line:
         lines.append(line)
