@@ -196,10 +196,9 @@ def _train(args: argparse.Namespace) -> int:
             )
         config = stored
         print(f"resuming {args.out} at iteration {state['iteration']} of {config.iterations}", file=sys.stderr)
-    elif args.out.exists():
-        raise ValueError(f"{args.out} exists; pass --resume to continue it, or choose another --out")
-    if not args.out.parent.is_dir():
-        raise ValueError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    else:
+        _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
+    _check_out_folder(args.out)
     device = _device(args.device)
     classes = load_split(config.background, "train")
     try:
@@ -212,16 +211,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_new_out(out: Path, hint: str) -> None:
+    if out.exists():
+        raise ValueError(f"{out} exists; {hint}")
+
+
+def _check_out_folder(out: Path) -> None:
+    if not out.parent.is_dir():
+        raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+
+
 def _pretrain(args: argparse.Namespace) -> int:
     from .omniglot import BACKGROUNDS, load_split
     from .transfer import pretrain_classifier, save_classifier
 
     if args.background not in BACKGROUNDS:
         raise ValueError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {args.background!r}")
-    if args.out.exists():
-        raise ValueError(f"{args.out} exists; choose another --out")
-    if not args.out.parent.is_dir():
-        raise ValueError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+    _check_new_out(args.out, "choose another --out")
+    _check_out_folder(args.out)
     settings = {"background": args.background, "hidden": args.hidden, "iterations": args.iterations,
                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "cosine": True}
     classes = load_split(args.background, "train")

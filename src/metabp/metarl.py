@@ -256,12 +256,11 @@ def choose_step_sizes(
     if not factors:
         raise ValueError("factors must name at least one candidate, got an empty sequence")
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
+    schedules = {positive_float("factor", f): [first, f * first, f * first / 2] for f in factors}
     table: dict[float, list[float]] = {}
-    for f in factors:
-        positive_float("factor", f)
-        lrs = [first, f * first, f * first / 2]
+    for f, lrs in schedules.items():
         out = adaptation_returns(env, policy, goals, lrs, num_trajectories, torch.Generator().manual_seed(seed),
                                  estimator, gamma)
         table[f] = [t.returns().mean().item() for t in out]
     best = max(table, key=lambda f: table[f][2] + table[f][3])
-    return [first, best * first, best * first / 2], table
+    return schedules[best], table
