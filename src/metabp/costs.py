@@ -14,7 +14,9 @@ a test checks that its value and gradient equal :func:`metabp.bilevel.meta_loss`
 
 from __future__ import annotations
 
+import ctypes
 import statistics
+import sys
 import time
 import weakref
 from typing import Any, Callable, Iterable
@@ -25,6 +27,30 @@ from torch import Tensor, nn
 from .bilevel import InnerLoop, Params, forward
 from .checks import nonnegative_int, positive_int
 from .tasks import TaskBatch, check_task_batch
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's ``malloc`` keep freed memory for reuse instead of giving it back to the OS.
+
+    By default glibc returns the freed top of its heap to the operating system (and
+    serves blocks above an adaptive size with ``mmap``), so a program that allocates and
+    frees tensors of tens of megabytes over and over, as a meta-iteration on thousands of
+    steps does, pays a page fault for every page of every new tensor. Raising the trim
+    threshold to 1 GiB and fixing the ``mmap`` threshold at its largest value, 32 MiB,
+    keeps those pages mapped: the process holds on to its peak memory (it does not
+    return it while it runs), and on the book's 2-core test machine a meta-iteration of
+    chapter 6.3 ran about 10% faster (same results). Process-wide, glibc only (Linux);
+    elsewhere it does nothing. Returns whether both settings were accepted.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
+    # The mmap threshold first: setting the trim threshold freezes the adaptive mmap threshold where it is.
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
