@@ -4,11 +4,13 @@ import math
 
 import pytest
 import torch
+from torch.func import functional_call, vmap
 
 from metabp import l2l as l2l_face
-from metabp.metarl import (MetaRL, adapt, adaptation_returns, choose_step_sizes, meta_train, outer_loss,
-                           support_steps, surrogate)
-from metabp.navigation import GaussianMLPPolicy, Navigation2D, Steps, linear_baseline, pack, returns_to_go, rollout
+from metabp.metarl import (MetaRL, adapt, adaptation_returns, adapted_without_graph, choose_step_sizes, meta_train,
+                           outer_loss, support_steps, surrogate)
+from metabp.navigation import (GaussianMLPPolicy, Navigation2D, Steps, distribution, linear_baseline, pack, returns_to_go,
+                               rollout)
 
 
 def params_of(policy, dtype=None):
@@ -73,6 +75,23 @@ def test_rollout_starts_at_origin_masks_after_termination_and_freezes_position()
     steps = pack(traj, traj.reward)
     assert steps.obs.shape == (1, 9, 2) and bool(steps.mask.all())
     assert torch.equal(steps.adv[0], traj.reward[0, :, :3].reshape(-1))
+
+
+def test_distribution_is_what_the_policy_module_computes():
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=8)
+    with torch.no_grad():
+        policy.log_std.copy_(torch.tensor([-0.5, 0.3]))
+    params = params_of(policy)
+    obs = torch.randn(3, 5, 2)
+    mean, std = distribution(policy, params, obs)
+    ref_mean, ref_std = functional_call(policy, params, (obs,))
+    assert torch.equal(mean, ref_mean) and torch.equal(std, ref_std)
+    # per-task parameters: what vmap over the module computes, task by task
+    per_task = {k: torch.stack([v + 0.1 * i for i in range(3)]) for k, v in params.items()}
+    mean_b, std_b = distribution(policy, per_task, obs, batched=True)
+    ref_b = vmap(lambda p, o: functional_call(policy, p, (o,)))(per_task, obs)
+    assert torch.allclose(mean_b, ref_b[0], atol=1e-6) and torch.allclose(std_b, ref_b[1], atol=1e-6)
 
 
 def test_returns_to_go_and_linear_baseline():
@@ -231,5 +250,48 @@ def test_choose_step_sizes_returns_the_best_candidate_on_the_validation_goals():
     assert lrs == [0.1, 0.1 * best, 0.1 * best / 2]
     # the candidates play the same episodes up to the first step they differ in
     assert table[1 / 2][:2] == table[1 / 4][:2]
+    # each plays what adaptation_returns plays with its schedule and the seed drawn from the generator
+    seed = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(1)).item())
+    for f in (1 / 2, 1 / 4):
+        out = adaptation_returns(env, policy, goals, [0.1, 0.1 * f, 0.05 * f], 2, torch.Generator().manual_seed(seed))
+        assert table[f] == pytest.approx([t.returns().mean().item() for t in out], abs=1e-5)
     with pytest.raises(ValueError, match="factors"):
         choose_step_sizes(env, policy, goals, 0.1, [])
+
+
+def test_adaptation_in_chunks_equals_one_pass_over_all_tasks():
+    env = Navigation2D(horizon=12)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=8)
+    params = {k: v.detach() for k, v in policy.named_parameters()}
+    traj = rollout(env, policy, params, env.sample_goals(7, torch.Generator().manual_seed(0)), 3,
+                   torch.Generator().manual_seed(1))
+    whole = adapt(policy, params, *support_steps(policy, params, traj, 0.99, False), 0.1)
+    for chunk in (1, 3, 7, 50):
+        pieces = adapted_without_graph(policy, params, traj, 0.1, chunk=chunk)
+        assert all(torch.allclose(pieces[k], whole[k].detach(), atol=1e-6) for k in whole)
+    # per-task parameters (a second step) are split along with the episodes
+    again = adapted_without_graph(policy, pieces, traj, 0.05, chunk=2, batched=True)
+    ref = adapt(policy, pieces, *support_steps(policy, pieces, traj, 0.99, True), 0.05, batched=True)
+    assert all(torch.allclose(again[k], ref[k].detach(), atol=1e-6) for k in ref)
+    with pytest.raises(ValueError, match="chunk"):
+        adapted_without_graph(policy, params, traj, 0.1, chunk=0)
+
+
+def test_without_old_log_probs_the_meta_gradient_is_the_same():
+    # At the parameters that played the steps, pi_old is pi itself: support_steps can skip its
+    # forward pass (log_probs=False) and adapt/outer_loss take the detached log-probabilities.
+    policy, params, spt, qry = small_problem()
+    spt_none = support_steps(policy, params, rollout(Navigation2D(horizon=12), policy, params,
+                                                     torch.zeros(1, 2, dtype=torch.float64), 2), 0.99, False, False)
+    assert spt_none[1] is None
+
+    def objective(p, s, q):
+        return outer_loss(policy, adapt(policy, p, *s, 0.1), *q, clip=0.2)
+
+    with_old = torch.autograd.grad(objective(params, spt, qry), list(params.values()))
+    without = torch.autograd.grad(objective(params, (spt[0], None), (qry[0], None)), list(params.values()))
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(with_old, without))
+    # elsewhere than where the steps were played, pi_old matters: the two differ
+    moved = {k: v + 0.05 for k, v in params.items()}
+    assert not torch.allclose(objective(moved, spt, qry), objective(moved, (spt[0], None), (qry[0], None)))

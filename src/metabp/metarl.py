@@ -36,7 +36,7 @@ from .navigation import Navigation2D, Params, Steps, Trajectories, advantages, l
 ESTIMATORS = ("naive", "lvc")
 
 
-def surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, estimator: str = "lvc") -> Tensor:
+def surrogate(logp: Tensor, old_logp: Tensor | None, adv: Tensor, mask: Tensor, estimator: str = "lvc") -> Tensor:
     """Inner policy-gradient objective (to maximise), mean over the valid steps.
 
     ``naive``: ``mean(log pi(a|s) * A)``, the REINFORCE surrogate MAML's code
@@ -49,9 +49,15 @@ def surrogate(logp: Tensor, old_logp: Tensor, adv: Tensor, mask: Tensor, estimat
     estimator (Rothfuss et al., 2019). Same value and gradient at ``pi = pi_old``,
     and its Hessian carries the score outer product of every step (not the
     cross-step terms, which full DiCE adds at the price of variance).
+
+    ``old_logp=None`` means that ``logp`` is evaluated at the parameters that played the
+    steps, so ``pi_old`` is ``logp`` itself, detached (one forward pass fewer).
     """
     one_of("estimator", estimator, ESTIMATORS)
-    weight = logp if estimator == "naive" else (logp - old_logp.detach()).exp()
+    if estimator == "naive":
+        weight = logp
+    else:
+        weight = (logp - (logp if old_logp is None else old_logp).detach()).exp()
     return (weight * adv * mask).sum() / mask.sum()
 
 
@@ -105,43 +111,54 @@ class MetaRL:
         one_of("estimator", self.estimator, ESTIMATORS)
 
 
-def support_steps(policy: nn.Module, params: Params, traj: Trajectories, gamma: float, batched: bool) -> tuple[Steps, Tensor]:
-    """Pack ``traj`` with its advantages, and the log-probabilities under ``params`` (detached)."""
+def support_steps(
+    policy: nn.Module, params: Params, traj: Trajectories, gamma: float, batched: bool, log_probs: bool = True,
+) -> tuple[Steps, Tensor | None]:
+    """Pack ``traj`` with its advantages, and the log-probabilities under ``params`` (detached).
+
+    ``log_probs=False`` skips the log-probabilities (returns ``None`` for them), for a
+    loss that is evaluated at ``params`` themselves (see :func:`surrogate`).
+    """
     with torch.no_grad():
         steps = pack(traj, advantages(traj, gamma))
-        return steps, log_prob(policy, params, steps.obs, steps.act, batched)
+        return steps, (log_prob(policy, params, steps.obs, steps.act, batched) if log_probs else None)
 
 
 def adapt(
     policy: nn.Module,
     params: Params,
     steps: Steps,
-    old_logp: Tensor,
+    old_logp: Tensor | None,
     inner_lr: float,
     estimator: str = "lvc",
     batched: bool = False,
 ) -> Params:
     """One inner step per task: ``theta'_b = theta + inner_lr * grad surrogate_b(theta)``.
 
-    ``steps`` and ``old_logp`` hold ``B`` tasks; ``params`` are shared
-    (``batched=False``) or per task. Returns per-task parameters (leading dim ``B``),
-    differentiable with respect to ``params`` unless called under ``torch.no_grad``.
+    ``steps`` and ``old_logp`` hold ``B`` tasks (``old_logp=None``: ``params`` played
+    ``steps``, see :func:`surrogate`); ``params`` are shared (``batched=False``) or per
+    task. Returns per-task parameters (leading dim ``B``), differentiable with respect to
+    ``params`` unless called under ``torch.no_grad``.
     """
 
-    def objective(p: Params, obs: Tensor, act: Tensor, adv: Tensor, mask: Tensor, old: Tensor) -> Tensor:
+    def objective(p: Params, obs: Tensor, act: Tensor, adv: Tensor, mask: Tensor, old: Tensor | None) -> Tensor:
         return surrogate(log_prob(policy, p, obs, act), old, adv, mask, estimator)
 
     def one_task(p: Params, *data: Tensor) -> Params:
         g = grad(objective)(p, *data)
         return {k: p[k] + inner_lr * g[k] for k in p}
 
-    in_dims = (0 if batched else None, 0, 0, 0, 0, 0)
+    in_dims = (0 if batched else None, 0, 0, 0, 0, None if old_logp is None else 0)
     return vmap(one_task, in_dims=in_dims)(dict(params), *steps, old_logp)
 
 
-def outer_loss(policy: nn.Module, params: Params, steps: Steps, old_logp: Tensor, clip: float | None) -> Tensor:
-    """Negative (clipped) surrogate of query steps under per-task ``params``, mean over steps."""
-    ratio = (log_prob(policy, params, steps.obs, steps.act, batched=True) - old_logp).exp()
+def outer_loss(policy: nn.Module, params: Params, steps: Steps, old_logp: Tensor | None, clip: float | None) -> Tensor:
+    """Negative (clipped) surrogate of query steps under per-task ``params``, mean over steps.
+
+    ``old_logp=None``: the detached ``params`` played ``steps`` (the ratio is then 1).
+    """
+    logp = log_prob(policy, params, steps.obs, steps.act, batched=True)
+    ratio = (logp - (logp.detach() if old_logp is None else old_logp)).exp()
     gain = ratio * steps.adv
     if clip is not None:
         gain = torch.minimum(gain, ratio.clamp(1 - clip, 1 + clip) * steps.adv)
@@ -163,17 +180,19 @@ def meta_iteration(
     params = get_params(policy)
     traj = rollout(env, policy, params, goals, cfg.num_trajectories, generator)
     first = traj.returns().mean().item()
-    support: list[tuple[Steps, Tensor]] = []
+    support: list[tuple[Steps, Tensor | None]] = []
+    # One epoch differentiates at the parameters that played: no old log-probabilities needed.
+    keep_old = cfg.outer_epochs > 1
     for epoch in range(cfg.outer_epochs):
         p, batched = params, False
         for k in range(cfg.inner_steps):
             if epoch == 0:
-                support.append(support_steps(policy, p, traj, cfg.gamma, batched))
+                support.append(support_steps(policy, p, traj, cfg.gamma, batched, keep_old))
             p, batched = adapt(policy, p, *support[k], cfg.inner_lr, cfg.estimator, batched), True
             if epoch == 0:
                 traj = rollout(env, policy, p, goals, cfg.num_trajectories, generator, batched=True)
         if epoch == 0:
-            query = support_steps(policy, p, traj, cfg.gamma, batched)
+            query = support_steps(policy, p, traj, cfg.gamma, batched, keep_old)
         if not batched:
             p = {k: v.expand((goals.shape[0],) + v.shape) for k, v in p.items()}
         optimizer.zero_grad(set_to_none=True)
@@ -216,6 +235,43 @@ def meta_train(
     return history
 
 
+def adapted_without_graph(
+    policy: nn.Module, params: Params, traj: Trajectories, inner_lr: float, estimator: str = "lvc",
+    gamma: float = 0.99, batched: bool = False, chunk: int = 10,
+) -> Params:
+    """One inner step per task, as :func:`adapt`, for evaluation: no graph, ``chunk`` tasks at a time.
+
+    ``params`` must be the parameters that played ``traj`` (their log-probabilities are
+    then those of the same forward pass, see :func:`surrogate`). Tasks are independent,
+    so splitting them changes no value; it bounds the memory of a pass
+    (``chunk x N x T x hidden`` floats per activation) however many goals are evaluated.
+    """
+    positive_float("inner_lr", inner_lr)
+    positive_int("chunk", chunk)
+    pieces = []
+    with torch.no_grad():
+        for start in range(0, traj.goal.shape[0], chunk):
+            part = Trajectories(*(x[start:start + chunk] for x in traj))
+            p = {k: v[start:start + chunk] for k, v in params.items()} if batched else params
+            steps, _ = support_steps(policy, p, part, gamma, batched, log_probs=False)
+            pieces.append(adapt(policy, p, steps, None, inner_lr, estimator, batched))
+    return {k: torch.cat([piece[k] for piece in pieces]) for k in pieces[0]}
+
+
+def _continue_adaptation(
+    env: Navigation2D, policy: nn.Module, params: Params, batched: bool, last: Trajectories,
+    inner_lrs: Sequence[float], num_trajectories: int, generator: torch.Generator | None, estimator: str, gamma: float,
+) -> list[Trajectories]:
+    """From ``params`` and the episodes ``last`` they played: one step and one rollout per step size."""
+    out = []
+    for lr in inner_lrs:
+        params = adapted_without_graph(policy, params, last, lr, estimator, gamma, batched)
+        batched = True
+        last = rollout(env, policy, params, last.goal, num_trajectories, generator, batched=True)
+        out.append(last)
+    return out
+
+
 def adaptation_returns(
     env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float],
     num_trajectories: int = 20, generator: torch.Generator | None = None,
@@ -224,18 +280,13 @@ def adaptation_returns(
     """Trajectories after 0, 1, ..., ``len(inner_lrs)`` adaptation steps on each goal.
 
     Step ``k`` uses the trajectories of step ``k - 1`` and step size ``inner_lrs[k-1]``
-    (MAML evaluates with 0.1, then 0.05). ``result[k].returns()`` is ``(B, N)``.
+    (MAML evaluates with 0.1, then 0.05, and 40 episodes per step). ``result[k].returns()``
+    is ``(B, N)``.
     """
     p: Params = {k: v.detach() for k, v in get_params(policy).items()}
-    out = [rollout(env, policy, p, goals, num_trajectories, generator)]
-    batched = False
-    for lr in inner_lrs:
-        positive_float("inner_lr", lr)
-        with torch.no_grad():
-            p = adapt(policy, p, *support_steps(policy, p, out[-1], gamma, batched), lr, estimator, batched)
-        batched = True
-        out.append(rollout(env, policy, p, goals, num_trajectories, generator, batched=True))
-    return out
+    first = rollout(env, policy, p, goals, num_trajectories, generator)
+    return [first] + _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator,
+                                          estimator, gamma)
 
 
 def choose_step_sizes(
@@ -249,18 +300,27 @@ def choose_step_sizes(
     ``factors`` (MAML halves the step size after the first step; this lets the
     validation goals say by how much). Returns the schedule with the highest mean of the
     returns after steps 2 and 3 on ``goals``, and every candidate's mean returns after
-    0..3 steps. All candidates play the same episodes up to their first differing step,
-    because each candidate is played with a generator seeded from one draw of ``generator``.
+    0..3 steps. Steps 0 and 1 are the same for every candidate and are played once, with
+    a generator seeded from one draw of ``generator``; each candidate then goes on from
+    that generator's state, so all candidates also share the random numbers of steps 2
+    and 3 (:func:`adaptation_returns` with that seed gives the same episodes).
     """
     positive_float("first", first)
     if not factors:
         raise ValueError("factors must name at least one candidate, got an empty sequence")
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
     schedules = {positive_float("factor", f): [first, f * first, f * first / 2] for f in factors}
+    shared = torch.Generator().manual_seed(seed)
+    p: Params = {k: v.detach() for k, v in get_params(policy).items()}
+    start = [rollout(env, policy, p, goals, num_trajectories, shared)]
+    adapted = adapted_without_graph(policy, p, start[0], first, estimator, gamma)
+    start.append(rollout(env, policy, adapted, goals, num_trajectories, shared, batched=True))
+    state = shared.get_state()
     table: dict[float, list[float]] = {}
     for f, lrs in schedules.items():
-        out = adaptation_returns(env, policy, goals, lrs, num_trajectories, torch.Generator().manual_seed(seed),
-                                 estimator, gamma)
-        table[f] = [t.returns().mean().item() for t in out]
+        shared.set_state(state)
+        rest = _continue_adaptation(env, policy, adapted, True, start[1], lrs[1:], num_trajectories, shared,
+                                    estimator, gamma)
+        table[f] = [t.returns().mean().item() for t in start + rest]
     best = max(table, key=lambda f: table[f][2] + table[f][3])
     return schedules[best], table

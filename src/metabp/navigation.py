@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Mapping, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -126,25 +127,29 @@ class GaussianMLPPolicy(nn.Module):
 
 
 def distribution(policy: nn.Module, params: Mapping[str, Tensor], obs: Tensor, batched: bool = False) -> tuple[Tensor, Tensor]:
-    """``(mean, std)`` of ``policy`` at ``params`` on ``obs``.
+    """``(mean, std)`` of ``policy`` at ``params`` on ``obs``: ``functional_call(policy, params, (obs,))``.
 
-    ``batched=False``: one set of parameters for all of ``obs``, evaluated with
-    ``functional_call``. ``batched=True``: every parameter has a leading task
-    dimension ``B`` matching ``obs`` ``(B, M, obs_dim)``, as after per-task adaptation;
-    the layers are then applied with batched matrix products (what ``vmap`` over
-    ``functional_call`` computes, without its per-call overhead in the rollout loop).
+    ``batched=False``: one set of parameters for all of ``obs``. ``batched=True``: every
+    parameter has a leading task dimension ``B`` matching ``obs`` ``(B, M, obs_dim)``, as
+    after per-task adaptation, and the layers are batched matrix products (what ``vmap``
+    over the unbatched call computes); this needs a :class:`GaussianMLPPolicy`. For that
+    policy the unbatched call also applies the layers of ``policy.net`` directly: a
+    rollout evaluates the policy once per step, and ``functional_call``'s swapping of
+    parameters in and out of the module costs more than the arithmetic there (a test
+    checks that both give the same values). Any other module goes through ``functional_call``.
     """
-    if not batched:
+    if not batched and not isinstance(policy, GaussianMLPPolicy):
         return functional_call(policy, dict(params), (obs,))
     x = obs
     for name, layer in policy.net.named_children():
         if isinstance(layer, nn.Linear):
             w, b = params[f"net.{name}.weight"], params[f"net.{name}.bias"]
-            x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+            x = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2)) if batched else F.linear(x, w, b)
         else:
             x = layer(x)
+    std = params["log_std"].exp()
     scale = policy.action_scale
-    return scale * x, scale * params["log_std"].exp().unsqueeze(1).expand_as(x)
+    return scale * x, scale * (std.unsqueeze(1) if batched else std).expand_as(x)
 
 
 def gaussian_log_prob(mean: Tensor, std: Tensor, act: Tensor) -> Tensor:
