@@ -261,15 +261,29 @@ def adapted_without_graph(
 def _continue_adaptation(
     env: Navigation2D, policy: nn.Module, params: Params, batched: bool, last: Trajectories,
     inner_lrs: Sequence[float], num_trajectories: int, generator: torch.Generator | None, estimator: str, gamma: float,
-) -> list[Trajectories]:
-    """From ``params`` and the episodes ``last`` they played: one step and one rollout per step size."""
+) -> tuple[list[Trajectories], Params]:
+    """From ``params`` and the episodes ``last`` they played: one step and one rollout per step size.
+
+    Returns the new episodes and the parameters after the last step.
+    """
     out = []
     for lr in inner_lrs:
         params = adapted_without_graph(policy, params, last, lr, estimator, gamma, batched)
         batched = True
         last = rollout(env, policy, params, last.goal, num_trajectories, generator, batched=True)
         out.append(last)
-    return out
+    return out, params
+
+
+def _adaptation(
+    env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float], num_trajectories: int,
+    generator: torch.Generator | None, estimator: str, gamma: float,
+) -> tuple[list[Trajectories], Params]:
+    """:func:`adaptation_returns`, and the parameters after the last step."""
+    p: Params = {k: v.detach() for k, v in get_params(policy).items()}
+    first = rollout(env, policy, p, goals, num_trajectories, generator)
+    rest, p = _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator, estimator, gamma)
+    return [first] + rest, p
 
 
 def adaptation_returns(
@@ -283,10 +297,7 @@ def adaptation_returns(
     (MAML evaluates with 0.1, then 0.05, and 40 episodes per step). ``result[k].returns()``
     is ``(B, N)``.
     """
-    p: Params = {k: v.detach() for k, v in get_params(policy).items()}
-    first = rollout(env, policy, p, goals, num_trajectories, generator)
-    return [first] + _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator,
-                                          estimator, gamma)
+    return _adaptation(env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma)[0]
 
 
 def choose_step_sizes(
@@ -311,16 +322,13 @@ def choose_step_sizes(
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
     schedules = {positive_float("factor", f): [first, f * first, f * first / 2] for f in factors}
     shared = torch.Generator().manual_seed(seed)
-    p: Params = {k: v.detach() for k, v in get_params(policy).items()}
-    start = [rollout(env, policy, p, goals, num_trajectories, shared)]
-    adapted = adapted_without_graph(policy, p, start[0], first, estimator, gamma)
-    start.append(rollout(env, policy, adapted, goals, num_trajectories, shared, batched=True))
+    start, adapted = _adaptation(env, policy, goals, [first], num_trajectories, shared, estimator, gamma)
     state = shared.get_state()
     table: dict[float, list[float]] = {}
     for f, lrs in schedules.items():
         shared.set_state(state)
-        rest = _continue_adaptation(env, policy, adapted, True, start[1], lrs[1:], num_trajectories, shared,
-                                    estimator, gamma)
+        rest, _ = _continue_adaptation(env, policy, adapted, True, start[1], lrs[1:], num_trajectories, shared,
+                                       estimator, gamma)
         table[f] = [t.returns().mean().item() for t in start + rest]
     best = max(table, key=lambda f: table[f][2] + table[f][3])
     return schedules[best], table
