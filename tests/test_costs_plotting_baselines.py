@@ -179,10 +179,10 @@ import resource, sys, torch
 from metabp.costs import keep_freed_memory
 if sys.argv[1] == "keep":
     assert keep_freed_memory()
-def churn():  # tensors of tens of megabytes, freed out of order, as in a meta-iteration
-    xs = [torch.ones(n * 250_000) for n in (16, 8, 24, 16)]
-    del xs[1]
-    return torch.ones(5_000_000).numel() + len(xs)
+def churn():  # four tensors of 24 MB, freed together: 96 MB at the top of the heap, above glibc's
+    # default trim threshold (at most 64 MiB), so by default every round gives them back and faults them in again
+    xs = [torch.ones(6_000_000) for _ in range(4)]
+    return sum(x.numel() for x in xs)
 churn()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(20):
@@ -198,5 +198,5 @@ def test_keep_freed_memory_stops_the_page_faults_of_reallocated_tensors():
         return int(out.stdout.split()[-1])
 
     default, kept = faults("default"), faults("keep")
-    # 20 rounds of 84 MB are about 400,000 pages; kept memory is mapped once
+    # 20 rounds of 96 MB are about 470,000 pages; kept memory is mapped once
     assert kept * 5 < default, (kept, default)
