@@ -10,7 +10,7 @@ from metabp import l2l as l2l_face
 from metabp.metarl import (MetaRL, adapt, adaptation_returns, adapted_without_graph, choose_step_sizes, meta_train,
                            outer_loss, support_steps, surrogate)
 from metabp.navigation import (GaussianMLPPolicy, Navigation2D, Steps, distribution, linear_baseline, pack, returns_to_go,
-                               rollout)
+                               rollout, rollout_steps)
 
 
 def params_of(policy, dtype=None):
@@ -37,6 +37,28 @@ def test_episode_ends_within_tolerance_of_the_goal():
     assert done and r.item() == pytest.approx(-0.005, abs=1e-6)
     _, _, done = env.step(torch.zeros(2), torch.tensor([0.035, 0.0]), goal)
     assert not done  # 0.015 away
+    # 0.008 away in each coordinate, 0.0113 in distance: inside the released code's box, outside the disc
+    diagonal = torch.tensor([0.042, 0.008])
+    assert env.step(torch.zeros(2), diagonal, goal)[2]
+    assert not Navigation2D(termination="circle").step(torch.zeros(2), diagonal, goal)[2]
+    with pytest.raises(ValueError, match="termination"):
+        Navigation2D(termination="square")
+
+
+def test_policy_starts_from_the_released_initialisation_or_pytorchs():
+    torch.manual_seed(0)
+    glorot = GaussianMLPPolicy()
+    for layer in (m for m in glorot.net if isinstance(m, torch.nn.Linear)):
+        bound = math.sqrt(6 / (layer.in_features + layer.out_features))
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.95 * bound
+    assert torch.equal(glorot.log_std, torch.zeros(2))
+    hidden = glorot.net[2].weight  # 100 x 100: uniform on +-bound has standard deviation bound / sqrt(3)
+    assert hidden.std().item() == pytest.approx(math.sqrt(6 / 200) / math.sqrt(3), rel=0.03)
+    default = GaussianMLPPolicy(init="torch")
+    assert torch.count_nonzero(default.net[0].bias) > 0 and default.net[2].weight.abs().max() <= 0.1
+    with pytest.raises(ValueError, match="init"):
+        GaussianMLPPolicy(init="orthogonal")
 
 
 def test_goals_are_uniform_on_the_square_and_bad_settings_raise():
@@ -75,6 +97,34 @@ def test_rollout_starts_at_origin_masks_after_termination_and_freezes_position()
     steps = pack(traj, traj.reward)
     assert steps.obs.shape == (1, 9, 2) and bool(steps.mask.all())
     assert torch.equal(steps.adv[0], traj.reward[0, :, :3].reshape(-1))
+
+
+class Heading(torch.nn.Module):
+    """A policy that moves along +x at full speed, with tiny noise, whatever the goal."""
+
+    action_scale = 1.0
+
+    def forward(self, obs):
+        return torch.tensor([10.0, 0.0]).expand(obs.shape), torch.full(obs.shape, 1e-6)
+
+
+def test_rollout_steps_keeps_whole_episodes_until_each_goal_has_its_steps():
+    goals = torch.tensor([[0.3, 0.0], [0.5, 0.0]])  # reached after 3 and 5 steps
+    env = Navigation2D(horizon=10)
+    traj = rollout_steps(env, Heading(), {}, goals, 12, 2, torch.Generator().manual_seed(0))
+    lengths = traj.mask.sum(-1)
+    # round one: 2 episodes each (6 and 10 steps); round two: the 2 that the shorter goal needs, for both
+    assert traj.obs.shape[:2] == (2, 4)
+    assert torch.equal(traj.kept(), torch.tensor([[1.0, 1, 1, 1], [1, 1, 1, 0]]))
+    assert torch.equal(lengths, torch.tensor([[3.0, 3, 3, 3], [5, 5, 5, 0]]))
+    # each goal keeps the shortest prefix of its episodes with at least 12 steps
+    kept_steps = lengths.sum(1)
+    assert bool((kept_steps >= 12).all()) and bool((kept_steps - torch.tensor([3.0, 5.0]) < 12).all())
+    single = rollout(env, Heading(), {}, goals, 1).returns()[:, 0]
+    assert torch.allclose(traj.mean_return(), single, atol=1e-5)
+    assert torch.allclose(traj.returns().sum(1), traj.kept().sum(1) * single, atol=1e-5)
+    with pytest.raises(ValueError, match="min_steps"):
+        rollout_steps(env, Heading(), {}, goals, 0, 2)
 
 
 def test_distribution_is_what_the_policy_module_computes():
@@ -137,7 +187,9 @@ def test_estimator_expectation_on_a_gaussian_bandit(estimator):
 def small_problem(dtype=torch.float64, tasks=3, n=4, horizon=12):
     torch.manual_seed(0)
     env = Navigation2D(horizon=horizon)
-    policy = GaussianMLPPolicy(hidden=16).to(dtype)
+    # PyTorch's initialisation: its biases are not zero, so no ReLU sits exactly at its kink at the
+    # start position (the origin), where finite differences would not measure the derivative
+    policy = GaussianMLPPolicy(hidden=16, init="torch").to(dtype)
     g = torch.Generator().manual_seed(1)
     goals = env.sample_goals(tasks, g).to(dtype)
     params = params_of(policy)
@@ -254,7 +306,15 @@ def test_choose_step_sizes_returns_the_best_candidate_on_the_validation_goals():
     seed = int(torch.randint(2**31 - 1, (1,), generator=torch.Generator().manual_seed(1)).item())
     for f in (1 / 2, 1 / 4):
         out = adaptation_returns(env, policy, goals, [0.1, 0.1 * f, 0.05 * f], 2, torch.Generator().manual_seed(seed))
-        assert table[f] == pytest.approx([t.returns().mean().item() for t in out], abs=1e-5)
+        assert table[f] == pytest.approx([t.mean_return().mean().item() for t in out], abs=1e-5)
+    # the same with batches counted in steps
+    lrs, table = choose_step_sizes(env, policy, goals, 0.1, [1 / 2, 1 / 4], num_trajectories=2,
+                                   generator=torch.Generator().manual_seed(1), min_steps=25)
+    for f in (1 / 2, 1 / 4):
+        out = adaptation_returns(env, policy, goals, [0.1, 0.1 * f, 0.05 * f], 2, torch.Generator().manual_seed(seed),
+                                 min_steps=25)
+        assert table[f] == pytest.approx([t.mean_return().mean().item() for t in out], abs=1e-5)
+        assert all(bool((t.mask.sum((1, 2)) >= 25).all()) for t in out)
     with pytest.raises(ValueError, match="factors"):
         choose_step_sizes(env, policy, goals, 0.1, [])
 

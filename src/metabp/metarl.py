@@ -31,7 +31,7 @@ from torch.func import grad, vmap
 
 from .bilevel import get_params
 from .checks import nonnegative_int, one_of, positive_float, positive_int
-from .navigation import Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout
+from .navigation import Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout, rollout_steps
 
 ESTIMATORS = ("naive", "lvc")
 
@@ -258,9 +258,20 @@ def adapted_without_graph(
     return {k: torch.cat([piece[k] for piece in pieces]) for k in pieces[0]}
 
 
+def _play(
+    env: Navigation2D, policy: nn.Module, params: Params, goals: Tensor, num_trajectories: int, min_steps: int | None,
+    generator: torch.Generator | None, batched: bool,
+) -> Trajectories:
+    """``num_trajectories`` episodes per goal, or (``min_steps`` set) :func:`rollout_steps` in rounds of that many."""
+    if min_steps is None:
+        return rollout(env, policy, params, goals, num_trajectories, generator, batched=batched)
+    return rollout_steps(env, policy, params, goals, min_steps, num_trajectories, generator, batched=batched)
+
+
 def _continue_adaptation(
     env: Navigation2D, policy: nn.Module, params: Params, batched: bool, last: Trajectories,
     inner_lrs: Sequence[float], num_trajectories: int, generator: torch.Generator | None, estimator: str, gamma: float,
+    min_steps: int | None = None,
 ) -> tuple[list[Trajectories], Params]:
     """From ``params`` and the episodes ``last`` they played: one step and one rollout per step size.
 
@@ -270,40 +281,43 @@ def _continue_adaptation(
     for lr in inner_lrs:
         params = adapted_without_graph(policy, params, last, lr, estimator, gamma, batched)
         batched = True
-        last = rollout(env, policy, params, last.goal, num_trajectories, generator, batched=True)
+        last = _play(env, policy, params, last.goal, num_trajectories, min_steps, generator, True)
         out.append(last)
     return out, params
 
 
 def _adaptation(
     env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float], num_trajectories: int,
-    generator: torch.Generator | None, estimator: str, gamma: float,
+    generator: torch.Generator | None, estimator: str, gamma: float, min_steps: int | None = None,
 ) -> tuple[list[Trajectories], Params]:
     """:func:`adaptation_returns`, and the parameters after the last step."""
     p: Params = {k: v.detach() for k, v in get_params(policy).items()}
-    first = rollout(env, policy, p, goals, num_trajectories, generator)
-    rest, p = _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator, estimator, gamma)
+    first = _play(env, policy, p, goals, num_trajectories, min_steps, generator, False)
+    rest, p = _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator, estimator,
+                                   gamma, min_steps)
     return [first] + rest, p
 
 
 def adaptation_returns(
     env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float],
     num_trajectories: int = 20, generator: torch.Generator | None = None,
-    estimator: str = "lvc", gamma: float = 0.99,
+    estimator: str = "lvc", gamma: float = 0.99, min_steps: int | None = None,
 ) -> list[Trajectories]:
     """Trajectories after 0, 1, ..., ``len(inner_lrs)`` adaptation steps on each goal.
 
     Step ``k`` uses the trajectories of step ``k - 1`` and step size ``inner_lrs[k-1]``
-    (MAML evaluates with 0.1, then 0.05, and 40 episodes per step). ``result[k].returns()``
-    is ``(B, N)``.
+    (MAML evaluates with 0.1, then 0.05). Each step plays ``num_trajectories`` episodes
+    per goal or, with ``min_steps``, whole episodes until the goal has played that many
+    steps (:func:`~metabp.navigation.rollout_steps`; MAML's released evaluation: 4000).
+    ``result[k].mean_return()`` is each goal's mean return ``(B,)``.
     """
-    return _adaptation(env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma)[0]
+    return _adaptation(env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma, min_steps)[0]
 
 
 def choose_step_sizes(
     env: Navigation2D, policy: nn.Module, goals: Tensor, first: float, factors: Sequence[float],
     num_trajectories: int = 20, generator: torch.Generator | None = None, estimator: str = "lvc",
-    gamma: float = 0.99,
+    gamma: float = 0.99, min_steps: int | None = None,
 ) -> tuple[list[float], dict[float, list[float]]]:
     """Pick the step sizes of adaptation steps 2 and 3 on validation goals.
 
@@ -311,10 +325,11 @@ def choose_step_sizes(
     ``factors`` (MAML halves the step size after the first step; this lets the
     validation goals say by how much). Returns the schedule with the highest mean of the
     returns after steps 2 and 3 on ``goals``, and every candidate's mean returns after
-    0..3 steps. Steps 0 and 1 are the same for every candidate and are played once, with
-    a generator seeded from one draw of ``generator``; each candidate then goes on from
-    that generator's state, so all candidates also share the random numbers of steps 2
-    and 3 (:func:`adaptation_returns` with that seed gives the same episodes).
+    0..3 steps (episodes per step as in :func:`adaptation_returns`). Steps 0 and 1 are the
+    same for every candidate and are played once, with a generator seeded from one draw
+    of ``generator``; each candidate then goes on from that generator's state, so all
+    candidates also share the random numbers of steps 2 and 3 (:func:`adaptation_returns`
+    with that seed gives the same episodes).
     """
     positive_float("first", first)
     if not factors:
@@ -322,13 +337,13 @@ def choose_step_sizes(
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
     schedules = {positive_float("factor", f): [first, f * first, f * first / 2] for f in factors}
     shared = torch.Generator().manual_seed(seed)
-    start, adapted = _adaptation(env, policy, goals, [first], num_trajectories, shared, estimator, gamma)
+    start, adapted = _adaptation(env, policy, goals, [first], num_trajectories, shared, estimator, gamma, min_steps)
     state = shared.get_state()
     table: dict[float, list[float]] = {}
     for f, lrs in schedules.items():
         shared.set_state(state)
         rest, _ = _continue_adaptation(env, policy, adapted, True, start[1], lrs[1:], num_trajectories, shared,
-                                       estimator, gamma)
-        table[f] = [t.returns().mean().item() for t in start + rest]
+                                       estimator, gamma, min_steps)
+        table[f] = [t.mean_return().mean().item() for t in start + rest]
     best = max(table, key=lambda f: table[f][2] + table[f][3])
     return schedules[best], table

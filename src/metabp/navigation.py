@@ -3,14 +3,16 @@
 A point agent starts at the origin and must reach a goal drawn uniformly from the
 square ``[-0.5, 0.5]^2``. The observation is its position, the action a velocity
 clipped to ``[-max_speed, max_speed]`` per coordinate (``0.1``), the reward the
-negative distance to the goal, and an episode ends within ``0.01`` of the goal or
-after ``horizon`` (100) steps. The paper's text says "negative squared distance";
-the authors' released environment and the scale of the paper's returns use the plain
-distance, which is the default here (``reward="squared"`` gives the other).
+negative distance to the goal, and an episode ends within ``0.01`` of the goal in
+each coordinate (as the authors' released environment tests it) or after ``horizon``
+(100) steps. The paper's text says "negative squared distance"; the released
+environment and the scale of the paper's returns use the plain distance, which is the
+default here (``reward="squared"`` gives the other).
 
 Everything is batched over ``tasks x trajectories``: one :func:`rollout` call plays
 ``B x N`` episodes in ``horizon`` vectorised steps, with per-task policy
-parameters where the policy has been adapted. No gym.
+parameters where the policy has been adapted; :func:`rollout_steps` plays whole
+episodes until every goal has a number of steps, the batch MAML's evaluation uses. No gym.
 
 Also here: the Gaussian MLP policy, returns-to-go, and the linear feature baseline
 of Duan et al. (2016) that MAML fits per task.
@@ -31,6 +33,8 @@ from .checks import one_of, positive_float, positive_int
 
 Params = dict[str, Tensor]
 REWARDS = ("distance", "squared")
+TERMINATIONS = ("box", "circle")
+INITS = ("glorot", "torch")
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
@@ -44,6 +48,9 @@ class Navigation2D:
         horizon: the most steps an episode lasts.
         tolerance: an episode ends once the agent is closer than this to the goal.
         reward: 'distance' (``-|p - g|``, the released code) or 'squared' (``-|p - g|^2``).
+        termination: how "closer than ``tolerance``" is measured: 'box', in each coordinate
+            (``max |p_i - g_i| < tolerance``, the released code), or 'circle', in Euclidean
+            distance (``|p - g| < tolerance``, a disc 21% smaller in area).
     """
 
     goal_low: float = -0.5
@@ -52,6 +59,7 @@ class Navigation2D:
     horizon: int = 100
     tolerance: float = 0.01
     reward: str = "distance"
+    termination: str = "box"
 
     def __post_init__(self) -> None:
         if not self.goal_low < self.goal_high:
@@ -60,6 +68,7 @@ class Navigation2D:
         positive_int("horizon", self.horizon)
         positive_float("tolerance", self.tolerance)
         one_of("reward", self.reward, REWARDS)
+        one_of("termination", self.termination, TERMINATIONS)
 
     def sample_goals(self, num_tasks: int, generator: torch.Generator | None = None) -> Tensor:
         """``num_tasks`` goals, shape ``(num_tasks, 2)``, uniform on the square."""
@@ -92,9 +101,11 @@ class Navigation2D:
         computed at the new position.
         """
         position = position + action.clamp(-self.max_speed, self.max_speed)
-        dist = (position - goal).norm(dim=-1)
+        offset = position - goal
+        dist = offset.norm(dim=-1)
         reward = -dist if self.reward == "distance" else -dist.square()
-        return position, reward, dist < self.tolerance
+        done = (offset.abs() < self.tolerance).all(-1) if self.termination == "box" else dist < self.tolerance
+        return position, reward, done
 
 
 class GaussianMLPPolicy(nn.Module):
@@ -109,16 +120,28 @@ class GaussianMLPPolicy(nn.Module):
         obs_dim, act_dim: observation and action sizes (2 and 2).
         hidden: width of each hidden layer (100).
         action_scale: velocity of a unit action.
+        init: 'glorot', the initialisation of MAML's released policy (Glorot-uniform
+            weights, zero biases), or 'torch', PyTorch's default for ``nn.Linear``, whose
+            weights are smaller and whose biases are not zero. The two start training from
+            differently scaled mean actions (the released one's are larger).
     """
 
-    def __init__(self, obs_dim: int = 2, act_dim: int = 2, hidden: int = 100, action_scale: float = 0.1) -> None:
+    def __init__(
+        self, obs_dim: int = 2, act_dim: int = 2, hidden: int = 100, action_scale: float = 0.1, init: str = "glorot",
+    ) -> None:
         super().__init__()
         for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("hidden", hidden)):
             positive_int(name, v)
         self.action_scale = positive_float("action_scale", action_scale)
+        one_of("init", init, INITS)
         self.net = nn.Sequential(
             nn.Linear(obs_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, act_dim)
         )
+        if init == "glorot":
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
+                    nn.init.zeros_(layer.bias)
         self.log_std = nn.Parameter(torch.zeros(act_dim))
 
     def forward(self, obs: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,8 +190,9 @@ class Trajectories(NamedTuple):
 
     ``obs`` is the position before each action, ``act`` the sampled (unclipped)
     action, ``reward`` the reward after it, and ``mask`` is 1 for the steps that were
-    played (0 after the episode ended). ``goal`` is ``(B, 2)``; ``final`` the position
-    after the last step, for plots.
+    played (0 after the episode ended, and 0 throughout for an episode that was not kept,
+    see :func:`rollout_steps`). ``goal`` is ``(B, 2)``; ``final`` the position after the
+    last step, for plots.
     """
 
     obs: Tensor
@@ -179,8 +203,19 @@ class Trajectories(NamedTuple):
     final: Tensor
 
     def returns(self) -> Tensor:
-        """Undiscounted return of every episode, ``(B, N)``."""
+        """Undiscounted return of every episode, ``(B, N)`` (0 for an episode not kept)."""
         return (self.reward * self.mask).sum(-1)
+
+    def kept(self) -> Tensor:
+        """1 for the episodes that count, 0 for those dropped by :func:`rollout_steps`, ``(B, N)``.
+
+        Every kept episode has played its first step, every dropped one none.
+        """
+        return self.mask[..., 0]
+
+    def mean_return(self) -> Tensor:
+        """Mean undiscounted return of each task's kept episodes, ``(B,)``."""
+        return self.returns().sum(1) / self.kept().sum(1)
 
     def path(self) -> Tensor:
         """Positions visited, ``(B, N, T + 1, 2)`` (frozen once an episode ended)."""
@@ -227,6 +262,63 @@ def rollout(
         return torch.cat([x, x.new_zeros(x.shape[:2] + (horizon - played,) + x.shape[3:])], 2)
 
     return Trajectories(stack(obs), stack(act), stack(rew), stack(mask), goals, pos)
+
+
+def rollout_steps(
+    env: Navigation2D,
+    policy: nn.Module,
+    params: Mapping[str, Tensor],
+    goals: Tensor,
+    min_steps: int,
+    round_size: int,
+    generator: torch.Generator | None = None,
+    batched: bool = False,
+) -> Trajectories:
+    """Whole episodes on each goal until it has played at least ``min_steps`` steps.
+
+    A batch is counted in environment steps, not episodes, in MAML's released evaluation
+    (4000 steps per adaptation step, rllab's sampler, whole episodes): the more often a
+    policy reaches the goal early, the more episodes its batch holds. Episodes are played
+    ``round_size`` per goal at a time, the later rounds only for the goals that still need
+    steps and with as many episodes as their mean length so far says they need. An
+    episode is kept if the goal had played fewer than ``min_steps`` steps before it, so
+    each goal keeps the shortest prefix of its episodes that reaches ``min_steps``; the
+    rest are masked out (:meth:`Trajectories.kept`). Returns ``(B, N_max, T)`` tensors,
+    ``N_max`` the most episodes any goal played.
+    """
+    positive_int("min_steps", min_steps)
+    positive_int("round_size", round_size)
+    params = {k: v.detach() for k, v in params.items()}
+    b = goals.shape[0]
+    rounds = [rollout(env, policy, params, goals, round_size, generator, batched)]
+    owners = [torch.arange(b)]
+    played = rounds[0].mask.sum((1, 2))
+    episodes = torch.full((b,), float(round_size))
+    while bool((played < min_steps).any()):
+        need = torch.nonzero(played < min_steps).squeeze(1)
+        mean_length = played[need] / episodes[need]
+        count = int(((min_steps - played[need]) / mean_length).ceil().max().item())
+        sub = {k: v[need] for k, v in params.items()} if batched else params
+        more = rollout(env, policy, sub, goals[need], count, generator, batched)
+        rounds.append(more), owners.append(need)
+        played[need] += more.mask.sum((1, 2))
+        episodes[need] += count
+    width = int(episodes.max().item())
+
+    def merge(name: str) -> Tensor:  # each goal's episodes, round after round, zero-padded to width
+        parts = [getattr(part, name) for part in rounds]
+        out = parts[0].new_zeros((b, width) + parts[0].shape[2:])
+        filled = torch.zeros(b, dtype=torch.long)
+        for x, who in zip(parts, owners):
+            for i, task in enumerate(who.tolist()):
+                out[task, filled[task]:filled[task] + x.shape[1]] = x[i]
+            filled[who] += x.shape[1]
+        return out
+
+    obs, act, reward, mask, final = (merge(name) for name in ("obs", "act", "reward", "mask", "final"))
+    length = mask.sum(-1)
+    keep = ((length.cumsum(1) - length) < min_steps).to(mask.dtype)
+    return Trajectories(obs, act, reward, mask * keep.unsqueeze(-1), goals, final)
 
 
 class Steps(NamedTuple):
