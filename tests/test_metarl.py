@@ -257,6 +257,27 @@ def test_meta_train_runs_and_evaluation_has_one_batch_per_step():
         MetaRL(estimator="dice")
 
 
+def test_meta_training_can_count_each_goals_batch_in_steps(monkeypatch):
+    import metabp.metarl as metarl
+
+    env = Navigation2D(horizon=10)
+    seen = []
+
+    def spy(*args, **kwargs):
+        out = rollout_steps(*args, **kwargs)
+        seen.append(out)
+        return out
+
+    monkeypatch.setattr(metarl, "rollout_steps", spy)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=8)
+    meta_train(env, policy, MetaRL(num_trajectories=3, meta_batch_size=2, outer_epochs=1), 1, seed=0)
+    assert seen == []  # by default a batch is num_trajectories episodes
+    meta_train(env, policy, MetaRL(num_trajectories=3, meta_batch_size=2, outer_epochs=1, count_steps=True), 1, seed=0)
+    assert len(seen) == 2  # before and after adaptation
+    assert all(bool((t.mask.sum((1, 2)) >= 3 * 10).all()) for t in seen)
+
+
 def test_cosine_schedule_decays_the_step_sizes_to_zero(monkeypatch):
     env = Navigation2D(horizon=5)
     torch.manual_seed(0)

@@ -82,6 +82,10 @@ class MetaRL:
         cosine: decay both Adam step sizes to zero along a cosine over the run
             (:func:`meta_train`'s ``iterations``), which averages out the noise of the
             last updates.
+        count_steps: count each goal's batch in environment steps, as MAML's released
+            trainer does: whole episodes until the goal has ``num_trajectories x horizon``
+            steps (:func:`~metabp.navigation.rollout_steps`), so a batch holds more
+            episodes once they end early. ``False``: exactly ``num_trajectories`` episodes.
     """
 
     inner_lr: float = 0.1
@@ -95,6 +99,7 @@ class MetaRL:
     gamma: float = 0.99
     estimator: str = "lvc"
     cosine: bool = False
+    count_steps: bool = False
 
     def __post_init__(self) -> None:
         positive_float("inner_lr", self.inner_lr)
@@ -178,8 +183,9 @@ def meta_iteration(
     Returns the mean return before and after adaptation.
     """
     params = get_params(policy)
-    traj = rollout(env, policy, params, goals, cfg.num_trajectories, generator)
-    first = traj.returns().mean().item()
+    min_steps = cfg.num_trajectories * env.horizon if cfg.count_steps else None
+    traj = _play(env, policy, params, goals, cfg.num_trajectories, min_steps, generator, False)
+    first = traj.mean_return().mean().item()
     support: list[tuple[Steps, Tensor | None]] = []
     # One epoch differentiates at the parameters that played: no old log-probabilities needed.
     keep_old = cfg.outer_epochs > 1
@@ -190,7 +196,7 @@ def meta_iteration(
                 support.append(support_steps(policy, p, traj, cfg.gamma, batched, keep_old))
             p, batched = adapt(policy, p, *support[k], cfg.inner_lr, cfg.estimator, batched), True
             if epoch == 0:
-                traj = rollout(env, policy, p, goals, cfg.num_trajectories, generator, batched=True)
+                traj = _play(env, policy, p, goals, cfg.num_trajectories, min_steps, generator, True)
         if epoch == 0:
             query = support_steps(policy, p, traj, cfg.gamma, batched, keep_old)
         if not batched:
@@ -198,7 +204,7 @@ def meta_iteration(
         optimizer.zero_grad(set_to_none=True)
         outer_loss(policy, p, *query, cfg.clip).backward()
         optimizer.step()
-    return first, traj.returns().mean().item()
+    return first, traj.mean_return().mean().item()
 
 
 @dataclass
