@@ -292,27 +292,26 @@ def rollout_steps(
     b = goals.shape[0]
     rounds = [rollout(env, policy, params, goals, round_size, generator, batched)]
     owners = [torch.arange(b)]
+    slots = [[0] * b]  # per round, the first free episode slot of each goal it played
     played = rounds[0].mask.sum((1, 2))
-    episodes = torch.full((b,), float(round_size))
+    episodes = torch.full((b,), round_size)
     while bool((played < min_steps).any()):
         need = torch.nonzero(played < min_steps).squeeze(1)
         mean_length = played[need] / episodes[need]
         count = int(((min_steps - played[need]) / mean_length).ceil().max().item())
         sub = {k: v[need] for k, v in params.items()} if batched else params
         more = rollout(env, policy, sub, goals[need], count, generator, batched)
-        rounds.append(more), owners.append(need)
+        rounds.append(more), owners.append(need), slots.append(episodes[need].tolist())
         played[need] += more.mask.sum((1, 2))
         episodes[need] += count
-    width = int(episodes.max().item())
+    width = int(episodes.max())
 
     def merge(name: str) -> Tensor:  # each goal's episodes, round after round, zero-padded to width
         parts = [getattr(part, name) for part in rounds]
         out = parts[0].new_zeros((b, width) + parts[0].shape[2:])
-        filled = torch.zeros(b, dtype=torch.long)
-        for x, who in zip(parts, owners):
-            for i, task in enumerate(who.tolist()):
-                out[task, filled[task]:filled[task] + x.shape[1]] = x[i]
-            filled[who] += x.shape[1]
+        for x, who, first in zip(parts, owners, slots):
+            for i, (task, start) in enumerate(zip(who.tolist(), first)):
+                out[task, start:start + x.shape[1]] = x[i]
         return out
 
     obs, act, reward, mask, final = (merge(name) for name in ("obs", "act", "reward", "mask", "final"))
