@@ -10,7 +10,7 @@ from metabp import l2l as l2l_face
 from metabp.metarl import (MetaRL, adapt, adaptation_returns, adapted_without_graph, choose_step_sizes, meta_train,
                            outer_loss, support_steps, surrogate)
 from metabp.navigation import (GaussianMLPPolicy, Navigation2D, Steps, distribution, linear_baseline, pack, returns_to_go,
-                               rollout, rollout_steps)
+                               rollout, rollout_lockstep, rollout_steps)
 
 
 def params_of(policy, dtype=None):
@@ -125,6 +125,74 @@ def test_rollout_steps_keeps_whole_episodes_until_each_goal_has_its_steps():
     assert torch.allclose(traj.returns().sum(1), traj.kept().sum(1) * single, atol=1e-5)
     with pytest.raises(ValueError, match="min_steps"):
         rollout_steps(env, Heading(), {}, goals, 0, 2)
+
+
+def test_rollout_lockstep_keeps_the_episodes_finished_when_the_batch_is_full():
+    goals = torch.tensor([[0.3, 0.0], [0.5, 0.0]])  # reached after 3 and 5 steps
+    env = Navigation2D(horizon=10)
+    traj = rollout_lockstep(env, Heading(), {}, goals, 12, 2, torch.Generator().manual_seed(0))
+    # two slots each: the first goal's 4 episodes have 12 steps after 6 steps side by side; the second
+    # goal's first two episodes end after 5 steps (10 < 12), its next two together after 10 (20 steps)
+    assert traj.obs.shape[:2] == (2, 4)
+    assert torch.equal(traj.kept(), torch.ones(2, 4))
+    assert torch.equal(traj.mask.sum(-1), torch.tensor([[3.0, 3, 3, 3], [5, 5, 5, 5]]))
+    single = rollout(env, Heading(), {}, goals, 1)
+    assert torch.allclose(traj.mean_return(), single.returns()[:, 0], atol=1e-5)
+    assert torch.allclose(traj.final, single.final.expand(2, 4, 2), atol=1e-5)
+    with pytest.raises(ValueError, match="min_steps"):
+        rollout_lockstep(env, Heading(), {}, goals, 0, 2)
+    with pytest.raises(ValueError, match="slots"):
+        rollout_lockstep(env, Heading(), {}, goals, 12, 0)
+    with pytest.raises(ValueError, match="goals"):
+        rollout_lockstep(env, Heading(), {}, goals[0], 12, 2)
+
+
+def lockstep_by_hand(env, policy, params, goals, min_steps, slots, generator, batched):
+    """rllab's vectorised sampler, one environment at a time in Python: each goal's kept episodes."""
+    b = goals.shape[0]
+    pos = torch.zeros(b, slots, 2)
+    running = [[[] for _ in range(slots)] for _ in range(b)]
+    done_paths = [[] for _ in range(b)]  # (slot, start step, steps) of every finished episode
+    start = [[0] * slots for _ in range(b)]
+    kept, t = [None] * b, 0
+    while any(k is None for k in kept):
+        mean, std = distribution(policy, params, pos, batched)
+        a = mean + std * torch.randn(mean.shape, generator=generator)
+        for i in range(b):
+            for s in range(slots):
+                new, r, done = env.step(pos[i, s], a[i, s], goals[i])
+                running[i][s].append((pos[i, s].clone(), a[i, s].clone(), r.item()))
+                pos[i, s] = new
+                if bool(done) or len(running[i][s]) == env.horizon:
+                    done_paths[i].append((s, start[i][s], running[i][s]))
+                    running[i][s], start[i][s], pos[i, s] = [], t + 1, torch.zeros(2)
+            if kept[i] is None and sum(len(steps) for _, _, steps in done_paths[i]) >= min_steps:
+                kept[i] = sorted(done_paths[i], key=lambda path: path[:2])
+        t += 1
+    return kept
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_rollout_lockstep_is_the_vectorised_sampler_written_out(batched):
+    env = Navigation2D(horizon=6, tolerance=0.1)
+    torch.manual_seed(0)
+    policy = GaussianMLPPolicy(hidden=8)
+    goals = torch.tensor([[0.1, 0.0], [0.0, -0.1], [0.08, 0.08]])
+    params = params_of(policy)
+    if batched:
+        params = {k: torch.stack([v, 1.1 * v, 0.9 * v]) for k, v in params.items()}
+    traj = rollout_lockstep(env, policy, params, goals, 20, 4, torch.Generator().manual_seed(1), batched)
+    expected = lockstep_by_hand(env, policy, params, goals, 20, 4, torch.Generator().manual_seed(1), batched)
+    lengths = traj.mask.sum(-1)
+    assert len({len(path) for paths in expected for _, _, path in paths}) > 1  # episodes of several lengths
+    for i, paths in enumerate(expected):
+        assert int(traj.kept()[i].sum()) == len(paths)
+        for n, (_, _, steps) in enumerate(paths):
+            assert int(lengths[i, n]) == len(steps)
+            assert torch.allclose(traj.obs[i, n, :len(steps)], torch.stack([o for o, _, _ in steps]), atol=1e-6)
+            assert torch.allclose(traj.act[i, n, :len(steps)], torch.stack([a for _, a, _ in steps]), atol=1e-6)
+            assert torch.allclose(traj.reward[i, n, :len(steps)], torch.tensor([r for _, _, r in steps]), atol=1e-6)
+        assert bool((traj.mask[i, len(paths):] == 0).all())
 
 
 def test_distribution_is_what_the_policy_module_computes():

@@ -31,7 +31,8 @@ from torch.func import grad, vmap
 
 from .bilevel import get_params
 from .checks import nonnegative_int, one_of, positive_float, positive_int
-from .navigation import Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout, rollout_steps
+from .navigation import (Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout, rollout_lockstep,
+                         rollout_steps)
 
 ESTIMATORS = ("naive", "lvc")
 
@@ -266,18 +267,23 @@ def adapted_without_graph(
 
 def _play(
     env: Navigation2D, policy: nn.Module, params: Params, goals: Tensor, num_trajectories: int, min_steps: int | None,
-    generator: torch.Generator | None, batched: bool,
+    generator: torch.Generator | None, batched: bool, lockstep: bool = False,
 ) -> Trajectories:
-    """``num_trajectories`` episodes per goal, or (``min_steps`` set) :func:`rollout_steps` in rounds of that many."""
+    """``num_trajectories`` episodes per goal, or (``min_steps`` set) :func:`rollout_steps` in rounds of that many,
+    or (``lockstep`` too) :func:`rollout_lockstep` on that many slots."""
     if min_steps is None:
+        if lockstep:
+            raise ValueError("lockstep=True fills batches counted in steps: it needs min_steps, got None")
         return rollout(env, policy, params, goals, num_trajectories, generator, batched=batched)
+    if lockstep:
+        return rollout_lockstep(env, policy, params, goals, min_steps, num_trajectories, generator, batched=batched)
     return rollout_steps(env, policy, params, goals, min_steps, num_trajectories, generator, batched=batched)
 
 
 def _continue_adaptation(
     env: Navigation2D, policy: nn.Module, params: Params, batched: bool, last: Trajectories,
     inner_lrs: Sequence[float], num_trajectories: int, generator: torch.Generator | None, estimator: str, gamma: float,
-    min_steps: int | None = None,
+    min_steps: int | None = None, lockstep: bool = False,
 ) -> tuple[list[Trajectories], Params]:
     """From ``params`` and the episodes ``last`` they played: one step and one rollout per step size.
 
@@ -287,7 +293,7 @@ def _continue_adaptation(
     for lr in inner_lrs:
         params = adapted_without_graph(policy, params, last, lr, estimator, gamma, batched)
         batched = True
-        last = _play(env, policy, params, last.goal, num_trajectories, min_steps, generator, True)
+        last = _play(env, policy, params, last.goal, num_trajectories, min_steps, generator, True, lockstep)
         out.append(last)
     return out, params
 
@@ -295,19 +301,20 @@ def _continue_adaptation(
 def _adaptation(
     env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float], num_trajectories: int,
     generator: torch.Generator | None, estimator: str, gamma: float, min_steps: int | None = None,
+    lockstep: bool = False,
 ) -> tuple[list[Trajectories], Params]:
     """:func:`adaptation_returns`, and the parameters after the last step."""
     p: Params = {k: v.detach() for k, v in get_params(policy).items()}
-    first = _play(env, policy, p, goals, num_trajectories, min_steps, generator, False)
+    first = _play(env, policy, p, goals, num_trajectories, min_steps, generator, False, lockstep)
     rest, p = _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator, estimator,
-                                   gamma, min_steps)
+                                   gamma, min_steps, lockstep)
     return [first] + rest, p
 
 
 def adaptation_returns(
     env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float],
     num_trajectories: int = 20, generator: torch.Generator | None = None,
-    estimator: str = "lvc", gamma: float = 0.99, min_steps: int | None = None,
+    estimator: str = "lvc", gamma: float = 0.99, min_steps: int | None = None, lockstep: bool = False,
 ) -> list[Trajectories]:
     """Trajectories after 0, 1, ..., ``len(inner_lrs)`` adaptation steps on each goal.
 
@@ -315,15 +322,19 @@ def adaptation_returns(
     (MAML evaluates with 0.1, then 0.05). Each step plays ``num_trajectories`` episodes
     per goal or, with ``min_steps``, whole episodes until the goal has played that many
     steps (:func:`~metabp.navigation.rollout_steps`; MAML's released evaluation: 4000).
-    ``result[k].mean_return()`` is each goal's mean return ``(B,)``.
+    ``lockstep=True`` (with ``min_steps``) fills each batch as MAML's released evaluation
+    did, on ``num_trajectories`` environments stepped side by side, keeping only the
+    episodes finished when ``min_steps`` is reached (:func:`~metabp.navigation.rollout_lockstep`;
+    there: 40). ``result[k].mean_return()`` is each goal's mean return ``(B,)``.
     """
-    return _adaptation(env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma, min_steps)[0]
+    return _adaptation(env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma, min_steps,
+                       lockstep)[0]
 
 
 def choose_step_sizes(
     env: Navigation2D, policy: nn.Module, goals: Tensor, first: float, factors: Sequence[float],
     num_trajectories: int = 20, generator: torch.Generator | None = None, estimator: str = "lvc",
-    gamma: float = 0.99, min_steps: int | None = None,
+    gamma: float = 0.99, min_steps: int | None = None, lockstep: bool = False,
 ) -> tuple[list[float], dict[float, list[float]]]:
     """Pick the step sizes of adaptation steps 2 and 3 on validation goals.
 
@@ -343,13 +354,14 @@ def choose_step_sizes(
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
     schedules = {positive_float("factor", f): [first, f * first, f * first / 2] for f in factors}
     shared = torch.Generator().manual_seed(seed)
-    start, adapted = _adaptation(env, policy, goals, [first], num_trajectories, shared, estimator, gamma, min_steps)
+    start, adapted = _adaptation(env, policy, goals, [first], num_trajectories, shared, estimator, gamma, min_steps,
+                                 lockstep)
     state = shared.get_state()
     table: dict[float, list[float]] = {}
     for f, lrs in schedules.items():
         shared.set_state(state)
         rest, _ = _continue_adaptation(env, policy, adapted, True, start[1], lrs[1:], num_trajectories, shared,
-                                       estimator, gamma, min_steps)
+                                       estimator, gamma, min_steps, lockstep)
         table[f] = [t.mean_return().mean().item() for t in start + rest]
     best = max(table, key=lambda f: table[f][2] + table[f][3])
     return schedules[best], table

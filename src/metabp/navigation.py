@@ -12,7 +12,9 @@ default here (``reward="squared"`` gives the other).
 Everything is batched over ``tasks x trajectories``: one :func:`rollout` call plays
 ``B x N`` episodes in ``horizon`` vectorised steps, with per-task policy
 parameters where the policy has been adapted; :func:`rollout_steps` plays whole
-episodes until every goal has a number of steps, the batch MAML's evaluation uses. No gym.
+episodes until every goal has a number of steps, and :func:`rollout_lockstep` fills such a
+batch as the sampler of MAML's released evaluation did (episodes side by side, those still
+running when the batch is full dropped). No gym.
 
 Also here: the Gaussian MLP policy, returns-to-go, and the linear feature baseline
 of Duan et al. (2016) that MAML fits per task.
@@ -318,6 +320,90 @@ def rollout_steps(
     length = mask.sum(-1)
     keep = ((length.cumsum(1) - length) < min_steps).to(mask.dtype)
     return Trajectories(obs, act, reward, mask * keep.unsqueeze(-1), goals, final)
+
+
+@torch.no_grad()
+def rollout_lockstep(
+    env: Navigation2D,
+    policy: nn.Module,
+    params: Mapping[str, Tensor],
+    goals: Tensor,
+    min_steps: int,
+    slots: int,
+    generator: torch.Generator | None = None,
+    batched: bool = False,
+) -> Trajectories:
+    """Episodes on ``slots`` environments per goal stepped side by side, until ``min_steps`` steps have finished.
+
+    This is how rllab's vectorised sampler fills the batches of MAML's released
+    evaluation (``batch_size=4000``, ``max_path_length=100``, so ``4000 / 100 = 40``
+    environments): all slots take a step together, a slot whose episode ends starts the
+    next one at once, and the sampler stops after the first step at which the episodes
+    *finished* so far hold at least ``min_steps`` steps. Only finished episodes are kept;
+    the episodes still running in the other slots are dropped. A running episode is more
+    likely to be a long one, so once episode lengths differ (after adaptation, when some
+    reach the goal early and others do not) the kept episodes favour short, successful
+    ones, and their mean return is higher than the mean over every episode the policy
+    would play (:func:`rollout_steps` keeps every episode up to ``min_steps``).
+
+    Returns ``(B, N_max, T)`` tensors with each goal's kept episodes first, in the order of
+    their slot and then of their start; ``N_max`` is the most episodes any goal kept.
+    """
+    positive_int("min_steps", min_steps)
+    positive_int("slots", slots)
+    if goals.dim() != 2 or goals.shape[-1] != 2:
+        raise ValueError(f"goals must have shape (tasks, 2), got {tuple(goals.shape)}")
+    params = {k: v.detach() for k, v in params.items()}
+    b, horizon = goals.shape[0], env.horizon
+    pos = goals.new_zeros(b, slots, 2)
+    age = torch.zeros(b, slots, dtype=torch.long)  # steps played in each slot's current episode
+    episode = torch.zeros(b, slots, dtype=torch.long)  # how many episodes each slot has finished
+    finished = torch.zeros(b, dtype=torch.long)  # steps in the finished episodes of each goal
+    stop = torch.full((b,), -1, dtype=torch.long)  # the step at which each goal's batch was full
+    goal = goals.unsqueeze(1)
+    record = []  # per step: the goals still filling their batch, and their slots' step
+    active, sub = torch.arange(b), params
+    while active.numel() > 0:
+        noise = torch.randn(pos.shape, generator=generator, dtype=pos.dtype)  # drawn for every goal
+        here, ages, episodes = pos[active], age[active], episode[active]
+        mean, std = distribution(policy, sub, here, batched)
+        a = mean + std * noise[active]
+        new_pos, r, done = env.step(here, a, goal[active])
+        ends = done | (ages + 1 >= horizon)
+        record.append((active, here, a, r, new_pos, ages, episodes, ends))
+        finished[active] += torch.where(ends, ages + 1, 0).sum(1)
+        pos[active] = torch.where(ends.unsqueeze(-1), torch.zeros_like(new_pos), new_pos)
+        episode[active] = episodes + ends.long()
+        age[active] = torch.where(ends, 0, ages + 1)
+        full = finished[active] >= min_steps
+        if bool(full.any()):
+            stop[active[full]] = len(record) - 1
+            active = active[~full]
+            sub = {k: v[active] for k, v in params.items()} if batched else params
+    # every recorded slot-step, flat: time, goal, slot, step in its episode, episode number, ...
+    t_idx = torch.cat([torch.full((x[0].numel() * slots,), t, dtype=torch.long) for t, x in enumerate(record)])
+    b_idx = torch.cat([x[0].repeat_interleave(slots) for x in record])
+    s_idx = torch.cat([torch.arange(slots).repeat(x[0].numel()) for x in record])
+    obs, act, reward, nxt, age, episode, ends = (torch.cat([x[i].flatten(0, 1) for x in record]) for i in range(1, 8))
+    per_slot = int(episode.max()) + 1
+    # each episode (goal, slot, number) is kept if it ended at or before its goal's batch was full
+    ended_at = torch.full((b, slots, per_slot), len(record), dtype=torch.long)  # never: after the last step
+    ended_at[b_idx[ends], s_idx[ends], episode[ends]] = t_idx[ends]
+    kept_episode = ended_at <= stop.view(b, 1, 1)
+    # its column in the output: its rank among the goal's kept episodes, by slot and then by number
+    flat = kept_episode.reshape(b, -1)
+    column = (flat.cumsum(1) - 1).reshape(b, slots, per_slot)
+    width = int(flat.sum(1).max())
+    kept = kept_episode[b_idx, s_idx, episode]  # per recorded slot-step: its episode is kept
+    bk, ck = b_idx[kept], column[b_idx[kept], s_idx[kept], episode[kept]]
+    out_obs, out_act = obs.new_zeros((b, width, horizon, 2)), act.new_zeros((b, width, horizon, 2))
+    out_reward, out_mask = reward.new_zeros((b, width, horizon)), reward.new_zeros((b, width, horizon))
+    where = (bk, ck, age[kept])
+    out_obs[where], out_act[where], out_reward[where], out_mask[where] = obs[kept], act[kept], reward[kept], 1.0
+    final = obs.new_zeros((b, width, 2))
+    last = ends[kept]
+    final[bk[last], ck[last]] = nxt[kept][last]
+    return Trajectories(out_obs, out_act, out_reward, out_mask, goals, final)
 
 
 class Steps(NamedTuple):
