@@ -193,7 +193,7 @@ class Trajectories(NamedTuple):
     ``obs`` is the position before each action, ``act`` the sampled (unclipped)
     action, ``reward`` the reward after it, and ``mask`` is 1 for the steps that were
     played (0 after the episode ended, and 0 throughout for an episode that was not kept,
-    see :func:`rollout_steps`). ``goal`` is ``(B, 2)``; ``final`` the position after the
+    see :func:`rollout_steps` and :func:`rollout_lockstep`). ``goal`` is ``(B, 2)``; ``final`` the position after the
     last step, for plots.
     """
 
@@ -209,7 +209,7 @@ class Trajectories(NamedTuple):
         return (self.reward * self.mask).sum(-1)
 
     def kept(self) -> Tensor:
-        """1 for the episodes that count, 0 for those dropped by :func:`rollout_steps`, ``(B, N)``.
+        """1 for the episodes that count, 0 for those dropped or padding, ``(B, N)``.
 
         Every kept episode has played its first step, every dropped one none.
         """
@@ -223,6 +223,11 @@ class Trajectories(NamedTuple):
         """Positions visited, ``(B, N, T + 1, 2)`` (frozen once an episode ended)."""
         final = self.final.unsqueeze(2)
         return torch.cat([torch.where(self.mask.unsqueeze(-1) > 0, self.obs, final), final], 2)
+
+
+def _check_goals(goals: Tensor) -> None:
+    if goals.dim() != 2 or goals.shape[-1] != 2:
+        raise ValueError(f"goals must have shape (tasks, 2), got {tuple(goals.shape)}")
 
 
 @torch.no_grad()
@@ -240,8 +245,7 @@ def rollout(
     ``params`` are shared (``batched=False``) or per task (``batched=True``).
     """
     positive_int("num_trajectories", num_trajectories)
-    if goals.dim() != 2 or goals.shape[-1] != 2:
-        raise ValueError(f"goals must have shape (tasks, 2), got {tuple(goals.shape)}")
+    _check_goals(goals)
     params = {k: v.detach() for k, v in params.items()}
     b, n, horizon = goals.shape[0], num_trajectories, env.horizon
     pos = goals.new_zeros(b, n, 2)
@@ -351,8 +355,7 @@ def rollout_lockstep(
     """
     positive_int("min_steps", min_steps)
     positive_int("slots", slots)
-    if goals.dim() != 2 or goals.shape[-1] != 2:
-        raise ValueError(f"goals must have shape (tasks, 2), got {tuple(goals.shape)}")
+    _check_goals(goals)
     params = {k: v.detach() for k, v in params.items()}
     b, horizon = goals.shape[0], env.horizon
     pos = goals.new_zeros(b, slots, 2)
@@ -395,7 +398,8 @@ def rollout_lockstep(
     column = (flat.cumsum(1) - 1).reshape(b, slots, per_slot)
     width = int(flat.sum(1).max())
     kept = kept_episode[b_idx, s_idx, episode]  # per recorded slot-step: its episode is kept
-    bk, ck = b_idx[kept], column[b_idx[kept], s_idx[kept], episode[kept]]
+    bk = b_idx[kept]
+    ck = column[bk, s_idx[kept], episode[kept]]
     out_obs, out_act = obs.new_zeros((b, width, horizon, 2)), act.new_zeros((b, width, horizon, 2))
     out_reward, out_mask = reward.new_zeros((b, width, horizon)), reward.new_zeros((b, width, horizon))
     where = (bk, ck, age[kept])
