@@ -44,3 +44,13 @@ def step_counts(name: str, value: Any) -> list[int]:
     if not steps or any(not isinstance(s, int) or s < 0 for s in steps) or steps != sorted(steps):
         raise ValueError(f"{name} must be a non-empty, non-decreasing list of integers >= 0, got {steps!r}")
     return steps
+
+
+class DivergenceError(FloatingPointError):
+    """Training met a non-finite loss or gradient.
+
+    Raised by the training loop at the first non-finite value, before the
+    parameters are updated with it; the message names the learning rates in use
+    so that the reader knows what to lower. The command line turns it into a
+    one-line error (exit status 2) and keeps the last good checkpoint.
+    """
