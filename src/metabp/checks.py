@@ -54,3 +54,27 @@ class DivergenceError(FloatingPointError):
     so that the reader knows what to lower. The command line turns it into a
     one-line error (exit status 2) and keeps the last good checkpoint.
     """
+
+
+def check_finite(loss: Any, grads: Any = None, **learning_rates: Any) -> None:
+    """Raise :class:`DivergenceError` if ``loss`` or any tensor in ``grads`` is not finite.
+
+    ``loss`` is a float or a tensor; ``grads`` an iterable of tensors (or a dict of
+    them, or ``None``). ``learning_rates`` (for example ``inner_lr=0.4, meta_lr=1e-3``)
+    are named in the message, since a step size that is too large is the usual cause.
+    """
+    import torch
+
+    def finite(t: Any) -> bool:
+        return bool(torch.isfinite(torch.as_tensor(t)).all())
+
+    values = grads.values() if isinstance(grads, dict) else (grads or ())
+    what = None
+    if not finite(loss):
+        what = f"the loss is {float(torch.as_tensor(loss).detach().reshape(-1)[0])}"
+    elif not all(finite(g) for g in values if g is not None):
+        what = "a gradient is not finite"
+    if what is not None:
+        rates = ", ".join(f"{k}={v:g}" for k, v in learning_rates.items())
+        hint = f" with {rates}" if rates else ""
+        raise DivergenceError(f"training diverged: {what}{hint}; lower the learning rate(s) and try again")
