@@ -1,7 +1,14 @@
-"""Where data sets live: one setting, the ``METABP_DATA`` environment variable.
+"""Where data sets live: two settings, ``METABP_DATA`` and ``METABP_CACHE``.
 
-Each data set has a folder of its own under it (``$METABP_DATA/omniglot/...``).
-Without the variable, data goes to ``~/.cache/metabp``.
+* ``METABP_DATA`` names a folder of downloads (the published files, for example
+  Omniglot's zips). It is only ever read: it may be a shared, read-only mirror.
+* ``METABP_CACHE`` names the folder this library writes to: downloads that were
+  missing from ``METABP_DATA``, extracted folders and decoded tensor caches.
+  It defaults to ``~/.cache/metabp``.
+
+Each data set has a folder of its own under each (``$METABP_DATA/omniglot/...``,
+``$METABP_CACHE/omniglot/...``). Without ``METABP_DATA`` the downloads are looked
+up in the cache folder alone.
 """
 
 from __future__ import annotations
@@ -10,20 +17,36 @@ import os
 from pathlib import Path
 
 ENV_VAR = "METABP_DATA"
+CACHE_ENV_VAR = "METABP_CACHE"
 DEFAULT_ROOT = Path.home() / ".cache" / "metabp"
 
 
+def _check_name(name: str) -> str:
+    if not name or "/" in name or "\\" in name or name in {".", ".."}:
+        raise ValueError(f"name must be a plain folder name such as 'omniglot', got {name!r}")
+    return name
+
+
 def data_root() -> Path:
-    """The data folder: ``$METABP_DATA`` if set (and not empty), else ``~/.cache/metabp``."""
+    """The downloads folder: ``$METABP_DATA`` if set (and not empty), else :func:`cache_root`."""
     value = os.environ.get(ENV_VAR, "").strip()
+    return Path(value).expanduser() if value else cache_root()
+
+
+def cache_root() -> Path:
+    """The folder this library writes to: ``$METABP_CACHE`` if set (and not empty), else ``~/.cache/metabp``."""
+    value = os.environ.get(CACHE_ENV_VAR, "").strip()
     return Path(value).expanduser() if value else DEFAULT_ROOT
 
 
 def dataset_dir(name: str) -> Path:
-    """The folder of one data set, ``data_root() / name`` (not created here)."""
-    if not name or "/" in name or "\\" in name or name in {".", ".."}:
-        raise ValueError(f"name must be a plain folder name such as 'omniglot', got {name!r}")
-    return data_root() / name
+    """The downloads folder of one data set, ``data_root() / name`` (read only, not created here)."""
+    return data_root() / _check_name(name)
+
+
+def cache_dir(name: str) -> Path:
+    """The cache folder of one data set, ``cache_root() / name`` (not created here)."""
+    return cache_root() / _check_name(name)
 
 
 class DataError(RuntimeError):

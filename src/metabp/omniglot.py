@@ -8,11 +8,13 @@ rename), decodes every drawing once to 28x28 and keeps the result as a ``uint8``
 tensor cache (``<archive>_28px.pt``, written atomically), so that later loads are
 one ``torch.load``.
 
-Where files go: zips, extracted folders and caches live in
-``$METABP_DATA/omniglot`` (:func:`metabp.data.dataset_dir`). If that folder is a
-read-only mirror (its permission bits forbid writing, as for the project's shared
-copy), what this module writes goes to a cache folder instead
-(``~/.cache/metabp/omniglot``, or the system's temporary folder).
+Where files go (:mod:`metabp.data`): zips are looked up in ``$METABP_DATA/omniglot``,
+which is only ever read (it may be a shared, read-only mirror), and then in the
+cache folder ``$METABP_CACHE/omniglot`` (default ``~/.cache/metabp/omniglot``).
+Everything this module writes goes to the cache folder: downloads, extracted
+folders (each with a manifest of its characters, checked at every load) and tensor
+caches (named after the md5 of the zip they were built from). Downloads give up
+after :data:`DOWNLOAD_TIMEOUT` seconds without an answer.
 
 Splits are by alphabet (:func:`load_split`): meta-training and meta-testing never
 share a character, nor a rotation of one.
@@ -20,11 +22,13 @@ share a character, nor a rotation of one.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
-import stat
 import tempfile
 import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -33,7 +37,7 @@ from PIL import Image
 
 from .checkpoint import atomic_save
 from .checks import one_of
-from .data import DEFAULT_ROOT, DataError, dataset_dir
+from .data import DataError, cache_dir, dataset_dir
 from .episodes import ImageClasses
 
 BASE_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python"
@@ -50,8 +54,22 @@ BACKGROUNDS: dict[str, tuple[str, str]] = {
     "small2": ("images_background_small2", "images_background_small1"),
     "full": ("images_background", "images_evaluation"),
 }
+#: (alphabets, characters) of every archive, 20 drawings per character; an extracted
+#: folder with fewer is incomplete. The small sets' counts are those of the zips in
+#: the project's mirror; the full sets' are the published 964 and 659 characters.
+COUNTS: dict[str, tuple[int, int]] = {
+    "images_background": (30, 964),
+    "images_evaluation": (20, 659),
+    "images_background_small1": (5, 136),
+    "images_background_small2": (5, 156),
+}
+DRAWINGS = 20
 IMAGE_SIZE = 28
-CACHE_VERSION = 1
+CACHE_VERSION = 2
+#: Seconds a download waits for the server (to connect, and for each read) before it gives up.
+DOWNLOAD_TIMEOUT = 60.0
+#: The file, inside an extracted folder, that lists what extraction put there.
+MANIFEST = ".metabp-manifest.json"
 
 
 def archive_url(name: str) -> str:
@@ -60,54 +78,95 @@ def archive_url(name: str) -> str:
     return f"{BASE_URL}/{name}.zip"
 
 
-def _writable(folder: Path) -> bool:
-    """Whether ``folder`` (or, if missing, its nearest existing parent) may be written.
+def locations(root: Path | str | None = None, cache: Path | str | None = None) -> list[Path]:
+    """Folders searched for downloaded files: the downloads folder, then the cache folder.
 
-    A folder whose permission bits grant nobody write access is a read-only
-    mirror, and is left alone even by a user (root) whom the bits do not stop.
-    """
-    p = folder
-    while not p.exists():
-        if p.parent == p:
-            return False
-        p = p.parent
-    mode = p.stat().st_mode
-    return os.access(p, os.W_OK) and bool(mode & (stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
-
-
-def locations(root: Path | str | None = None) -> list[Path]:
-    """Folders searched for Omniglot files, the first writable one last written to.
-
-    ``root`` (default ``$METABP_DATA/omniglot``) first, then the cache folders.
+    ``root`` defaults to ``$METABP_DATA/omniglot`` (read only), ``cache`` to
+    ``$METABP_CACHE/omniglot`` (:func:`write_dir`).
     """
     root = dataset_dir("omniglot") if root is None else Path(root)
-    out = [root, DEFAULT_ROOT / "omniglot", Path(tempfile.gettempdir()) / f"metabp-{os.getuid()}" / "omniglot"]
-    return list(dict.fromkeys(p.expanduser() for p in out))
+    cache = cache_dir("omniglot") if cache is None else Path(cache)
+    return list(dict.fromkeys(p.expanduser() for p in (root, cache)))
 
 
-def write_dir(root: Path | str | None = None) -> Path:
-    """The first writable folder of :func:`locations` (created if missing)."""
-    for p in locations(root):
-        if _writable(p):
-            p.mkdir(parents=True, exist_ok=True)
-            return p
-    raise DataError(f"none of {[str(p) for p in locations(root)]} can be written; set METABP_DATA to a writable folder")
+def write_dir(cache: Path | str | None = None) -> Path:
+    """The cache folder, the only one written to (default ``$METABP_CACHE/omniglot``), created if missing."""
+    folder = (cache_dir("omniglot") if cache is None else Path(cache)).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot create the cache folder {folder} ({err.strerror}); "
+                        "set METABP_CACHE to a writable folder") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"the cache folder {folder} cannot be written; set METABP_CACHE to a writable folder")
+    return folder
 
 
-def fetch_archive(name: str, root: Path | str | None = None, download: bool = True) -> Path:
+_TEMP = re.compile(r"^\..+\.(download|extract|runs)-(\d+)-")
+
+
+def temp_dir(prefix: str, dest: Path) -> Path:
+    """A fresh temporary folder in ``dest`` named ``.<prefix>-<pid>-...``.
+
+    Folders of this form left by a process that no longer runs (killed mid-download,
+    say) are removed first, so that nothing half-written stays behind for long.
+    """
+    for old in dest.glob(".*"):
+        found = _TEMP.match(old.name)
+        if found is None or int(found.group(2)) == os.getpid():
+            continue
+        try:
+            os.kill(int(found.group(2)), 0)
+        except ProcessLookupError:
+            shutil.rmtree(old, ignore_errors=True)
+        except OSError:  # the process exists (owned by someone else)
+            pass
+    return Path(tempfile.mkdtemp(prefix=f".{prefix}-{os.getpid()}-", dir=dest))
+
+
+def download_file(url: str, path: Path, timeout: float | None = None) -> None:
+    """Stream ``url`` to the file ``path``.
+
+    ``timeout`` (default :data:`DOWNLOAD_TIMEOUT`) bounds the wait to connect and
+    each wait for more bytes. Errors are those of ``urllib`` (``URLError``, ``OSError``,
+    ``TimeoutError``); :func:`download_error` words them.
+    """
+    timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
+    request = urllib.request.Request(url, headers={"User-Agent": "metabp"})
+    with urllib.request.urlopen(request, timeout=timeout) as response, open(path, "wb") as f:
+        shutil.copyfileobj(response, f, 1 << 16)
+
+
+def download_error(err: BaseException, url: str) -> str:
+    """What went wrong in :func:`download_file`, in a few words."""
+    reason = getattr(err, "reason", err)
+    if isinstance(reason, TimeoutError) or isinstance(err, TimeoutError):
+        return f"no answer from the server within {DOWNLOAD_TIMEOUT:g} s"
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    return str(reason) or type(reason).__name__
+
+
+def fetch_archive(
+    name: str, root: Path | str | None = None, download: bool = True, cache: Path | str | None = None
+) -> Path:
     """Path of the verified zip ``name``.zip, downloading it if it is absent.
+
+    Looks in ``root`` (default ``$METABP_DATA/omniglot``), then in the cache folder
+    ``cache`` (default ``$METABP_CACHE/omniglot``); a download goes to the cache folder.
 
     Raises:
         DataError: the zip is absent and cannot be downloaded (the message says where
-            to get it and where to put it), or its md5 does not match (corrupt or
-            truncated). Nothing half-written is left behind: a download goes to a
-            temporary folder and is moved into place only once its md5 matches.
+            to get it and where to put it; a server that does not answer within
+            :data:`DOWNLOAD_TIMEOUT` seconds counts as absent), or its md5 does not match
+            (corrupt or truncated). Nothing half-written is left behind: a download goes
+            to a temporary folder and is moved into place only once its md5 matches.
     """
-    from torchvision.datasets.utils import check_integrity, download_url  # slow import: only when needed
+    from torchvision.datasets.utils import check_integrity  # slow import: only when needed
 
     md5 = ARCHIVES[one_of("name", name, tuple(ARCHIVES))]
     filename = f"{name}.zip"
-    for folder in locations(root):
+    for folder in locations(root, cache):
         path = folder / filename
         if path.exists():
             if not check_integrity(str(path), md5):
@@ -116,19 +175,22 @@ def fetch_archive(name: str, root: Path | str | None = None, download: bool = Tr
                     f"{archive_url(name)} again."
                 )
             return path
-    where = locations(root)[0] / filename
+    where = locations(root, cache)[0] / filename
     if not download:
         raise DataError(f"{where} is missing: download {archive_url(name)} and put it there")
-    dest = write_dir(root)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.download-", dir=dest))
+    dest = write_dir(cache)
+    tmp = temp_dir(f"{name}.download", dest)
+    url = archive_url(name)
     try:
-        download_url(archive_url(name), str(tmp), filename, md5)
+        download_file(url, tmp / filename)
+        if not check_integrity(str(tmp / filename), md5):
+            raise DataError(f"the file downloaded from {url} is not the published {filename} (its md5 is not "
+                            f"{md5}); try again, or download it yourself and put it at {where}")
         os.replace(tmp / filename, dest / filename)
-    except (urllib.error.URLError, OSError, RuntimeError) as err:
-        reason = getattr(err, "reason", err)
+    except (urllib.error.URLError, OSError) as err:
         raise DataError(
-            f"{filename} is not in {where.parent} and could not be downloaded from {archive_url(name)} "
-            f"({reason}). Download it where there is network access and put it at {where} "
+            f"{filename} is not in {where.parent} and could not be downloaded from {url} "
+            f"({download_error(err, url)}). Download it where there is network access and put it at {where} "
             f"(or set METABP_DATA to the folder above an 'omniglot' folder that holds it)."
         ) from None
     finally:
@@ -173,19 +235,37 @@ def check_layout(folder: Path) -> list[tuple[str, str, list[Path]]]:
     return out
 
 
+def _check_counts(name: str, folder: Path, entries: list[tuple[str, str, list[Path]]],
+                  hint: str = "Delete the folder to have it extracted again from its zip.") -> None:
+    """DataError unless ``entries`` has the alphabets, characters and drawings of archive ``name``."""
+    alphabets, characters = COUNTS[name]
+    have = (len({a for a, _, _ in entries}), len(entries), {len(d) for _, _, d in entries})
+    if have != (alphabets, characters, {DRAWINGS}):
+        raise DataError(
+            f"{folder} is incomplete: it holds {have[0]} alphabets and {have[1]} characters, {name}.zip "
+            f"{alphabets} and {characters} of {DRAWINGS} drawings each. {hint}"
+        )
+
+
 def extract(name: str, zip_path: Path, dest: Path) -> Path:
     """Extract ``zip_path`` to ``dest/name`` atomically and return that folder.
 
-    The zip is unpacked into a temporary folder next to the target, its layout is
-    checked, and only then is it renamed into place; a failure leaves nothing behind.
+    The zip is unpacked into a temporary folder next to the target, its layout and
+    counts are checked, a manifest of its characters (:data:`MANIFEST`) is written
+    into it, and only then is it renamed into place; a failure leaves nothing behind.
     """
     from torchvision.datasets.utils import extract_archive
 
+    one_of("name", name, tuple(ARCHIVES))
     target = dest / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.extract-", dir=dest))
+    tmp = temp_dir(f"{name}.extract", dest)
     try:
         extract_archive(str(zip_path), str(tmp))
-        check_layout(tmp / name)
+        entries = check_layout(tmp / name)
+        _check_counts(name, zip_path, entries, "Delete it and download it again.")
+        manifest = {"archive": name, "md5": ARCHIVES[name],
+                    "characters": {f"{a}/{c}": len(d) for a, c, d in entries}}
+        (tmp / name / MANIFEST).write_text(json.dumps(manifest, indent=0, sort_keys=True) + "\n")
         try:
             os.replace(tmp / name, target)
         except OSError:
@@ -196,6 +276,39 @@ def extract(name: str, zip_path: Path, dest: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def check_extracted(name: str, folder: Path) -> list[tuple[str, str, list[Path]]]:
+    """:func:`check_layout` of an extracted folder, checked against its manifest.
+
+    Raises:
+        DataError: the folder is not in Omniglot's layout, has no manifest (it was not
+            extracted by :func:`extract`), or lacks (or adds) characters or drawings
+            that its manifest lists: it names what is missing.
+    """
+    entries = check_layout(folder)
+    redo = "Delete the folder to have it extracted again from its zip."
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        listed = {str(k): int(v) for k, v in manifest["characters"].items()}
+        source = (manifest["archive"], manifest["md5"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"{folder} has no readable manifest ({MANIFEST}): it was not extracted by this "
+                        f"library, or not completely. {redo}") from None
+    if source != (name, ARCHIVES[name]):
+        raise DataError(f"{folder} was extracted from {source[0]} (md5 {source[1]}), not {name}.zip. {redo}")
+    found = {f"{a}/{c}": len(d) for a, c, d in entries}
+    if found != listed:
+        missing = sorted(set(listed) - set(found))
+        gone = sorted({k.split("/")[0] for k in listed} - {k.split("/")[0] for k in found})
+        what = [f"{len(missing)} of its {len(listed)} characters are missing" if missing else "",
+                f"(the alphabets {', '.join(gone)} entirely)" if gone else "",
+                f"{len(set(found) - set(listed))} characters are not in its manifest" if set(found) - set(listed) else "",
+                "characters hold other numbers of drawings than its manifest lists"
+                if not missing and set(found) == set(listed) else ""]
+        raise DataError(f"{folder} is incomplete: {' '.join(w for w in what if w)}. {redo}")
+    _check_counts(name, folder, entries)
+    return entries
 
 
 def decode(path: Path | str, size: int = IMAGE_SIZE) -> torch.Tensor:
@@ -210,37 +323,60 @@ def decode(path: Path | str, size: int = IMAGE_SIZE) -> torch.Tensor:
     return 255 - pixels
 
 
-def _read_cache(path: Path, size: int) -> ImageClasses | None:
+def cache_file(name: str, size: int = IMAGE_SIZE, cache: Path | str | None = None) -> Path:
+    """The tensor cache of archive ``name`` at ``size`` pixels, named after the zip's md5."""
+    folder = cache_dir("omniglot") if cache is None else Path(cache)
+    return folder.expanduser() / f"{name}_{size}px_{ARCHIVES[name][:8]}.pt"
+
+
+def _read_cache(path: Path, name: str, size: int) -> ImageClasses | None:
+    """The classes in a tensor cache if it was built from all of archive ``name``, else None."""
     try:
         blob = torch.load(path, weights_only=True)
-        if blob.get("version") != CACHE_VERSION or blob["images"].shape[-1] != size:
+        key = (blob.get("version"), blob.get("archive"), blob.get("md5"), blob.get("size"))
+        if key != (CACHE_VERSION, name, ARCHIVES[name], size):
             return None
-        return ImageClasses(blob["images"], tuple(blob["names"]))
+        images, names = blob["images"], tuple(blob["names"])
+        alphabets, characters = COUNTS[name]
+        if (tuple(images.shape) != (characters, DRAWINGS, size, size) or len(names) != characters
+                or len({n.split("/")[0] for n in names}) != alphabets):
+            return None
+        return ImageClasses(images, names)
     except Exception:  # an unreadable cache is rebuilt, not an error
         return None
 
 
-def load_archive(name: str, root: Path | str | None = None, download: bool = True, size: int = IMAGE_SIZE) -> ImageClasses:
+def load_archive(
+    name: str,
+    root: Path | str | None = None,
+    download: bool = True,
+    size: int = IMAGE_SIZE,
+    cache: Path | str | None = None,
+) -> ImageClasses:
     """All characters of one archive as :class:`~metabp.episodes.ImageClasses`.
 
-    Reads the tensor cache if there is one; otherwise finds the extracted folder
-    (or fetches, verifies and extracts the zip), decodes every drawing and writes
-    the cache. Names are ``"Alphabet/character01"``.
+    Reads the tensor cache if there is one built from the whole archive (same md5,
+    every character); otherwise finds the extracted folder in the cache folder (or
+    fetches, verifies and extracts the zip), checks it against its manifest, decodes
+    every drawing and writes the cache. Names are ``"Alphabet/character01"``.
+
+    ``root`` is where zips are looked up first (default ``$METABP_DATA/omniglot``,
+    never written to); ``cache`` is where extracted folders and caches are kept
+    (default ``$METABP_CACHE/omniglot``).
     """
     one_of("name", name, tuple(ARCHIVES))
-    cache_name = f"{name}_{size}px.pt"
-    for folder in locations(root):
-        if (folder / cache_name).exists() and (found := _read_cache(folder / cache_name, size)) is not None:
-            return found
-    extracted = next((f / name for f in locations(root) if (f / name).is_dir()), None)
-    if extracted is None:
-        zip_path = fetch_archive(name, root, download)
-        extracted = extract(name, zip_path, write_dir(root))
-    entries = check_layout(extracted)
+    target = cache_file(name, size, cache)
+    if target.exists() and (found := _read_cache(target, name, size)) is not None:
+        return found
+    extracted = target.parent / name
+    if not extracted.is_dir():
+        zip_path = fetch_archive(name, root, download, cache)
+        extracted = extract(name, zip_path, write_dir(cache))
+    entries = check_extracted(name, extracted)
     images = torch.stack([torch.stack([decode(p, size) for p in drawings]) for _, _, drawings in entries])
     classes = ImageClasses(images, tuple(f"{a}/{c}" for a, c, _ in entries))
-    cache_dir = extracted.parent if _writable(extracted.parent) else write_dir(root)
-    atomic_save({"version": CACHE_VERSION, "images": images, "names": list(classes.names)}, cache_dir / cache_name)
+    atomic_save({"version": CACHE_VERSION, "archive": name, "md5": ARCHIVES[name], "size": size,
+                 "images": images, "names": list(classes.names)}, target)
     return classes
 
 
@@ -250,6 +386,7 @@ def load_split(
     root: Path | str | None = None,
     download: bool = True,
     rotations: bool = True,
+    cache: Path | str | None = None,
 ) -> ImageClasses:
     """The meta-training or meta-testing classes of a background split, by alphabet.
 
@@ -261,12 +398,13 @@ def load_split(
             (Japanese (katakana), Sanskrit, Tagalog), for 'small2' those of small1 that
             small2 lacks (Balinese, Early Aramaic, Korean), for 'full' the 20
             evaluation alphabets. Greek and Latin, in both small sets, are never held out.
-        root: the Omniglot folder (default ``$METABP_DATA/omniglot``).
+        root: the folder of the Omniglot zips (default ``$METABP_DATA/omniglot``), only read.
         download: fetch missing zips from the official location.
         rotations: add the 90/180/270-degree rotations as classes of their own, as
             MAML does on both sides of its split (Finn et al., 2017, after Santoro et
             al., 2016). Without them the held-out tasks are harder: fewer, and more
             similar, characters to tell apart.
+        cache: where extracted folders and caches are kept (default ``$METABP_CACHE/omniglot``).
 
     Returns:
         :class:`~metabp.episodes.ImageClasses` with images ``(C, 20, 28, 28)``;
@@ -275,10 +413,10 @@ def load_split(
     one_of("background", background, tuple(BACKGROUNDS))
     one_of("part", part, ("train", "test"))
     train_name, other_name = BACKGROUNDS[background]
-    train = load_archive(train_name, root, download)
+    train = load_archive(train_name, root, download, cache=cache)
     if part == "train":
         classes = train
     else:
         seen = set(train.alphabets)
-        classes = load_archive(other_name, root, download).select(lambda n: n.split("/")[0] not in seen)
+        classes = load_archive(other_name, root, download, cache=cache).select(lambda n: n.split("/")[0] not in seen)
     return classes.with_rotations() if rotations else classes

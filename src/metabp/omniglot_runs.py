@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import urllib.error
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor
 
 from .data import DataError
-from .omniglot import BASE_URL, IMAGE_SIZE, decode, locations, write_dir
+from .omniglot import BASE_URL, IMAGE_SIZE, decode, download_error, download_file, locations, temp_dir, write_dir
 from .tasks import TaskBatch
 
 RUNS_URL = f"{BASE_URL}/one-shot-classification/all_runs.zip"
@@ -109,6 +108,9 @@ def load_runs(folder: Path | str, size: int = IMAGE_SIZE) -> list[OneShotRun]:
         DataError: the folder is missing, a run is missing, or a run's layout is wrong.
     """
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder} is a file, not a folder: give the folder that holds run01 .. run20 "
+                        "(all_runs.zip unzipped)")
     if not folder.is_dir():
         raise DataError(f"runs folder {folder} does not exist")
     missing = [r for r in RUNS if not (folder / r).is_dir()]
@@ -128,32 +130,34 @@ def _find_runs_root(folder: Path) -> Path | None:
     return next((p for p in subdirs if (p / RUNS[0]).is_dir()), None)
 
 
-def fetch_runs(root: Path | str | None = None, download: bool = True) -> Path:
+def fetch_runs(root: Path | str | None = None, download: bool = True, cache: Path | str | None = None) -> Path:
     """Folder of the official runs, downloading and extracting ``all_runs.zip`` if needed.
 
     Looks for ``all_runs/`` (or ``all_runs.zip``) in the Omniglot folders of
-    :func:`metabp.omniglot.locations`. The repository publishes no checksum for
-    this zip, so a download is checked by its layout: it must unzip to the 20 runs,
-    each readable by :func:`load_run`. Extraction goes through a temporary folder.
+    :func:`metabp.omniglot.locations` (``root``, only read, then the cache folder
+    ``cache``); what it downloads or extracts goes to the cache folder. The
+    repository publishes no checksum for this zip, so a download is checked by its
+    layout: it must unzip to the 20 runs, each readable by :func:`load_run`.
+    Extraction goes through a temporary folder.
     """
-    from torchvision.datasets.utils import download_url, extract_archive
+    from torchvision.datasets.utils import extract_archive
 
-    for folder in locations(root):
+    for folder in locations(root, cache):
         if (folder / FOLDER).is_dir():
             return folder / FOLDER
-    zip_path = next((f / "all_runs.zip" for f in locations(root) if (f / "all_runs.zip").is_file()), None)
-    dest = write_dir(root)
-    tmp = Path(tempfile.mkdtemp(prefix=".all_runs.", dir=dest))
+    zip_path = next((f / "all_runs.zip" for f in locations(root, cache) if (f / "all_runs.zip").is_file()), None)
+    where = locations(root, cache)[0] / "all_runs.zip"
+    if zip_path is None and not download:
+        raise DataError(f"{where} is missing: download {RUNS_URL} and put it there")
+    dest = write_dir(cache)
+    tmp = temp_dir("all_runs.runs", dest)
     try:
         if zip_path is None:
-            where = locations(root)[0] / "all_runs.zip"
-            if not download:
-                raise DataError(f"{where} is missing: download {RUNS_URL} and put it there")
             try:
-                download_url(RUNS_URL, str(tmp), "all_runs.zip")
-            except (urllib.error.URLError, OSError, RuntimeError) as err:
+                download_file(RUNS_URL, tmp / "all_runs.zip")
+            except (urllib.error.URLError, OSError) as err:
                 raise DataError(
-                    f"the one-shot runs could not be downloaded from {RUNS_URL} ({getattr(err, 'reason', err)}). "
+                    f"the one-shot runs could not be downloaded from {RUNS_URL} ({download_error(err, RUNS_URL)}). "
                     f"Download all_runs.zip where there is network access and put it at {where}, "
                     "or unzip it and pass its folder with --runs."
                 ) from None
