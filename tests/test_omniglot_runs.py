@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 
 import pytest
 import torch
@@ -61,19 +60,26 @@ def test_a_damaged_run_is_a_layout_error(tmp_path, runs_dir, damage, message):
 
 @pytest.fixture
 def isolated(tmp_path, monkeypatch):
-    monkeypatch.setattr(omniglot, "DEFAULT_ROOT", tmp_path / "home")
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
-    (tmp_path / "tmp").mkdir()
+    """A downloads folder (only read); the cache folder is tmp_path/cache/omniglot."""
+    monkeypatch.setenv("METABP_CACHE", str(tmp_path / "cache"))
     (tmp_path / "omniglot").mkdir()
     return tmp_path / "omniglot"
 
 
-def test_fetch_extracts_a_local_zip(runs_dir, isolated):
+def test_fetch_extracts_a_local_zip(runs_dir, isolated, tmp_path):
     zip_runs(runs_dir[0], isolated / "all_runs.zip")
     folder = fetch_runs(isolated, download=False)
-    assert folder == isolated / "all_runs"
+    assert folder == tmp_path / "cache" / "omniglot" / "all_runs"  # extracted into the cache folder
     assert len(load_runs(folder)) == 20
-    assert not [p for p in isolated.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in isolated.iterdir()) == ["all_runs.zip"]  # the downloads folder is only read
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_a_file_given_as_the_runs_folder_is_named(tmp_path):
+    path = tmp_path / "runs.txt"
+    path.write_text("run01\n")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_runs(path)
 
 
 def test_fetch_rejects_a_corrupt_zip(runs_dir, isolated):
@@ -85,11 +91,11 @@ def test_fetch_rejects_a_corrupt_zip(runs_dir, isolated):
     assert not (isolated / "all_runs").exists()
 
 
-def test_fetch_without_network_says_where_to_put_the_zip(isolated, monkeypatch):
+def test_fetch_without_network_says_where_to_put_the_zip(isolated, tmp_path, monkeypatch):
     import metabp.omniglot_runs as runs_module
 
     monkeypatch.setattr(runs_module, "RUNS_URL", "http://127.0.0.1:9/all_runs.zip")
     with pytest.raises(DataError, match="all_runs.zip") as err:
         fetch_runs(isolated)
     assert str(isolated / "all_runs.zip") in str(err.value)
-    assert list(isolated.iterdir()) == []
+    assert list(isolated.iterdir()) == [] and list((tmp_path / "cache" / "omniglot").iterdir()) == []

@@ -14,15 +14,20 @@ Commands:
   (:mod:`metabp.bench`); one ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``
   line per configuration.
 
-Every failure the user can fix (bad option, missing file, wrong layout) ends with
-one line on stderr and exit status 2 (1 for an interrupted run), not a traceback.
+Every failure the user can fix (bad option, missing file, wrong layout, a run that
+diverged) ends with one line on stderr and exit status 2 (1 for an interrupted run,
+Ctrl-C), not a traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +35,7 @@ from typing import Sequence
 import torch
 
 from .checkpoint import CheckpointError
+from .checks import DivergenceError
 from .data import DataError
 from .fewshot import ALGORITHMS, FewShotConfig
 
@@ -51,11 +57,33 @@ PRESETS: dict[str, FewShotConfig] = {
 }
 
 
+#: ``evaluate --tasks`` at most, and the episodes built at once (the rest follow in chunks
+#: of this many, drawn from the same generator: up to EVAL_CHUNK tasks, as one batch).
+MAX_TASKS = 100_000
+EVAL_CHUNK = 1000
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (and exit status 2)."""
+    """argparse, but a usage error is one line (and exit status 2), and a negative
+    number in scientific notation (``--meta-lr -1e-3``) is a value, not an option."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _seed(text: str) -> int:
+    """argparse type of ``--seed``: an integer from 0 to 2**64 - 1 (what torch's generators take)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"must be an integer from 0 to 2**64 - 1, got {text!r}")
+    return value
 
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
@@ -74,6 +102,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text.get(f.name))
+        elif f.name == "seed":
+            p.add_argument(flag, type=_seed, default=None, metavar="SEED", help=help_text.get(f.name))
         else:
             kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
             p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text.get(f.name))
@@ -107,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     preo.add_argument("--iterations", type=int, default=20000, help="updates (default 20000)")
     preo.add_argument("--batch-size", type=int, default=64, help="drawings per update (default 64)")
     preo.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (default 1e-3, cosine-decayed)")
-    preo.add_argument("--seed", type=int, default=0)
+    preo.add_argument("--seed", type=_seed, default=0)
     preo.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     preo.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
@@ -118,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     evo.add_argument("--ways", type=int, default=5)
     evo.add_argument("--shots", type=int, default=1)
     evo.add_argument("--queries", type=int, default=5, help="query drawings per class (default 5)")
-    evo.add_argument("--tasks", type=int, default=600, help="test episodes (default 600)")
-    evo.add_argument("--seed", type=int, default=0)
+    evo.add_argument("--tasks", type=int, default=600,
+                     help=f"test episodes, 2 to {MAX_TASKS} (default 600; built {EVAL_CHUNK} at a time)")
+    evo.add_argument("--seed", type=_seed, default=0)
     _add_adaptation(evo)
     _add_common(evo)
 
@@ -149,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
                        help="time torch.compile (auto: sinusoid only; it takes minutes on the Conv4)")
     bench.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
-    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--seed", type=_seed, default=0)
     bench.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     return parser
@@ -184,6 +215,7 @@ def _train(args: argparse.Namespace) -> int:
     from .omniglot import load_split
 
     config, given = _config_from(args)
+    _check_out_folder(args.out)
     if args.resume:
         from .fewshot import load_model
 
@@ -195,17 +227,19 @@ def _train(args: argparse.Namespace) -> int:
                 f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
             )
         config = stored
+        _check_resumable(args.out, state, config)
         print(f"resuming {args.out} at iteration {state['iteration']} of {config.iterations}", file=sys.stderr)
     else:
         _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
-    _check_out_folder(args.out)
     device = _device(args.device)
     classes = load_split(config.background, "train")
     try:
         model, history = train(config, classes, args.out, args.resume, args.checkpoint_every, device, args.progress)
     except KeyboardInterrupt:
-        print(f"interrupted; {args.out} holds the last checkpoint; continue with --resume", file=sys.stderr)
+        print(f"interrupted; {_what_is_kept(args.out)}", file=sys.stderr)
         return 1
+    except DivergenceError as err:
+        raise ValueError(f"{err}; {_what_is_kept(args.out, 'good ')}") from None
     print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
           f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
     return 0
@@ -217,8 +251,60 @@ def _check_new_out(out: Path, hint: str) -> None:
 
 
 def _check_out_folder(out: Path) -> None:
+    """ValueError unless a file can be written at ``out`` (found before any training)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the name of a file")
     if not out.parent.is_dir():
         raise ValueError(f"--out {out}: the folder {out.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+    except OSError as err:
+        raise ValueError(f"--out {out}: the folder {out.parent} cannot be written ({err.strerror})") from None
+    os.close(fd)
+    os.remove(probe)
+
+
+def _what_is_kept(out: Path, good: str = "") -> str:
+    """What a stopped ``train`` leaves in ``out``: the last checkpoint, or nothing."""
+    from . import checkpoint
+
+    try:
+        iteration = checkpoint.load(out)["iteration"]
+    except (CheckpointError, KeyError):
+        return f"no checkpoint was written ({out} does not exist)"
+    return f"{out} holds the last {good}checkpoint (iteration {iteration}); continue with --resume"
+
+
+def _check_resumable(path: Path, state: dict, config: FewShotConfig) -> None:
+    """ValueError unless ``state`` holds everything :func:`metabp.fewshot.train` resumes from."""
+    from .bilevel import make_optimizer
+    from .fewshot import build_model
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"--resume: {path} cannot be continued: {what}")
+
+    needed = ["iteration", "optimizer", "generator", "torch_rng", "loss", "seconds"] + (["scheduler"] if config.cosine else [])
+    missing = [k for k in needed if state.get(k) is None]
+    if missing:
+        raise bad(f"it lacks {', '.join(missing)}")
+    it = state["iteration"]
+    if isinstance(it, bool) or not isinstance(it, int) or not 0 <= it <= config.iterations:
+        raise bad(f"its iteration must be an integer from 0 to {config.iterations}, got {it!r}")
+    if not isinstance(state["loss"], list) or len(state["loss"]) != it:
+        raise bad(f"its loss history must hold {it} values, one per iteration")
+    if isinstance(state["seconds"], bool) or not isinstance(state["seconds"], (int, float)):
+        raise bad(f"its seconds must be a number, got {state['seconds']!r}")
+    for key in ("generator", "torch_rng"):
+        try:
+            torch.Generator().set_state(state[key])
+        except (RuntimeError, TypeError, ValueError):
+            raise bad(f"its {key} is not a random generator's state") from None
+    try:
+        make_optimizer(build_model(config).parameters(), config.meta_lr).load_state_dict(state["optimizer"])
+    except (RuntimeError, TypeError, ValueError, KeyError, IndexError):
+        raise bad("its optimizer state does not fit the model") from None
+    if config.cosine and not isinstance(state["scheduler"], dict):
+        raise bad("its scheduler state is not a learning-rate schedule's")
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -232,8 +318,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     settings = {"background": args.background, "hidden": args.hidden, "iterations": args.iterations,
                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "cosine": True}
     classes = load_split(args.background, "train")
-    model, history = pretrain_classifier(classes, args.hidden, args.iterations, args.batch_size, args.lr,
-                                         args.seed, args.progress)
+    try:
+        model, history = pretrain_classifier(classes, args.hidden, args.iterations, args.batch_size, args.lr,
+                                             args.seed, args.progress)
+    except DivergenceError as err:
+        raise ValueError(f"{err}; nothing was written to {args.out}") from None
     save_classifier(args.out, model, history, settings)
     print(f"pretrained a {model.ways}-class classifier for {args.iterations} iterations in {history.seconds:.0f} s "
           f"(final loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); written to {args.out}")
@@ -255,13 +344,26 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .fewshot import load_model
     from .omniglot import load_split
 
+    for flag, value, low, high in [("--ways", args.ways, 2, None), ("--shots", args.shots, 1, None),
+                                   ("--queries", args.queries, 1, None), ("--tasks", args.tasks, 2, MAX_TASKS)]:
+        if value < low or (high is not None and value > high):
+            allowed = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise ValueError(f"{flag} must be {allowed}, got {value}")
     device = _device(args.device)
     model, config, _ = load_model(args.checkpoint, device)
     classes = load_split(config.background, "test").to(device)
-    batch = EpisodeSampler(classes, args.ways, args.shots, args.queries).sample(
-        args.tasks, torch.Generator().manual_seed(args.seed))
-    acc = _adapted_accuracy(args, model, config, batch)
-    mean, half = mean_ci(acc.cpu())
+    if args.ways > len(classes):
+        raise ValueError(f"--ways must be at most the {len(classes)} held-out classes, got {args.ways}")
+    if args.shots + args.queries > classes.drawings:
+        raise ValueError(f"--shots + --queries must be at most the {classes.drawings} drawings per class, "
+                         f"got {args.shots} + {args.queries}")
+    sampler = EpisodeSampler(classes, args.ways, args.shots, args.queries)
+    generator = torch.Generator().manual_seed(args.seed)
+    acc = []
+    for done in range(0, args.tasks, EVAL_CHUNK):  # one chunk of episodes in memory at a time
+        batch = sampler.sample(min(EVAL_CHUNK, args.tasks - done), generator)
+        acc.append(_adapted_accuracy(args, model, config, batch).cpu())
+    mean, half = mean_ci(torch.cat(acc))
     print(f"{config.algorithm} on held-out alphabets {', '.join(classes.alphabets)}: "
           f"{args.ways}-way {args.shots}-shot accuracy {100 * mean:.2f} +- {100 * half:.2f} % ({args.tasks} tasks)")
     return 0
@@ -287,6 +389,10 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, format_report, machine_description, run
 
     device = _device(args.device)
+    if args.repeats is not None and args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     impls = None if args.impls is None else tuple(n.strip() for n in args.impls.split(",") if n.strip())
     compile = {"auto": None, "on": True, "off": False}[args.compile]
     configs = [BenchConfig(name, args.meta_batch_size, args.inner_steps, args.first_order, args.width)
@@ -296,7 +402,7 @@ def _bench(args: argparse.Namespace) -> int:
           flush=True)
     summaries = []
     for config in configs:
-        repeats = args.repeats or (30 if config.name == "sinusoid" else 5)
+        repeats = args.repeats if args.repeats is not None else (30 if config.name == "sinusoid" else 5)
         print(flush=True)
         report = run(config, impls, repeats, args.warmup, device, compile, args.memory, args.seed,
                      log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -309,10 +415,20 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
+    """Run the command line; returns the exit status.
+
+    Ctrl-C (or SIGTERM) ends it with one line and exit status 1, after the
+    temporary files of what it was doing are removed.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _sigterm) if on_main_thread else None
     try:
         if getattr(args, "threads", None) is not None:
             if args.threads < 1:
@@ -327,6 +443,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             return _bench(args)
         return _evaluate_runs(args)
-    except (ValueError, DataError, CheckpointError, OSError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+    except (ValueError, DataError, CheckpointError, DivergenceError, OSError) as err:
+        text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"{parser.prog}: error: {text}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 1
+    finally:
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from . import checkpoint, protonet
 from .bilevel import InnerLoop, make_optimizer, meta_step
-from .checks import nonnegative_int, one_of, positive_float, positive_int
+from .checks import check_finite, nonnegative_int, one_of, positive_float, positive_int
 from .convnet import Conv4
 from .episodes import EpisodeSampler, ImageClasses
 from .evaluation import adaptation_curve
@@ -240,6 +240,10 @@ def train(
     model = build_model(config).to(device)
     optimizer = make_optimizer(model.parameters(), config.meta_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
+    rates = {"meta_lr": config.meta_lr} if config.algorithm == "protonet" else \
+        {"inner_lr": config.inner_lr, "meta_lr": config.meta_lr}
+    optimizer.register_step_pre_hook(  # DivergenceError at a non-finite gradient, before the update
+        lambda opt, *_: check_finite(0.0, [p.grad for g in opt.param_groups for p in g["params"]], **rates))
     history, start = History(), 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -256,6 +260,7 @@ def train(
     for it in bar:
         batch = sampler(config.meta_batch_size, generator)
         history.loss.append(train_step(model, optimizer, batch, config))
+        check_finite(history.loss[-1], None, **rates)
         if scheduler is not None:
             scheduler.step()
         history.seconds = time.perf_counter() - began

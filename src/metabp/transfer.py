@@ -30,7 +30,7 @@ from tqdm import tqdm
 from pathlib import Path
 
 from . import checkpoint
-from .checks import positive_float, positive_int, step_counts
+from .checks import check_finite, positive_float, positive_int, step_counts
 from .convnet import Conv4
 from .episodes import ImageClasses, _to_float
 from .tasks import TaskBatch
@@ -133,6 +133,7 @@ def pretrain_classifier(
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(x), label)
         loss.backward()
+        check_finite(loss, [p.grad for p in model.parameters()], lr=lr)  # before the update
         opt.step()
         if schedule is not None:
             schedule.step()
