@@ -1,6 +1,7 @@
 """Task samplers, seeding, training and evaluation helpers."""
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -97,4 +98,18 @@ def test_data_root_follows_the_environment(monkeypatch, tmp_path):
     assert data_root() == tmp_path
     assert dataset_dir("omniglot") == tmp_path / "omniglot"
     monkeypatch.delenv("METABP_DATA")
+    monkeypatch.delenv("METABP_CACHE", raising=False)
     assert data_root().name == "metabp"
+
+
+def test_the_cache_folder_follows_its_own_variable(monkeypatch, tmp_path):
+    from metabp.data import DEFAULT_ROOT, cache_dir, cache_root
+
+    monkeypatch.setenv("METABP_DATA", str(tmp_path / "mirror"))
+    monkeypatch.setenv("METABP_CACHE", str(tmp_path / "cache"))
+    assert cache_dir("omniglot") == tmp_path / "cache" / "omniglot"
+    assert dataset_dir("omniglot") == tmp_path / "mirror" / "omniglot"
+    monkeypatch.delenv("METABP_CACHE")
+    assert cache_root() == DEFAULT_ROOT == Path.home() / ".cache" / "metabp"
+    monkeypatch.delenv("METABP_DATA")
+    assert data_root() == cache_root()  # without a mirror, downloads are looked up in the cache
