@@ -185,7 +185,8 @@ def test_a_server_that_never_answers_times_out_with_a_clear_message(isolated, ca
     assert list(cache.iterdir()) == [] and list(isolated.iterdir()) == []  # no partial download left
 
 
-def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path, signal_name):
     import os
     import signal
     import subprocess
@@ -210,7 +211,7 @@ def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path):
             time.sleep(0.1)
         assert list((cache / "omniglot").glob(f".{SMALL1}.download-*")), "the download never started"
         time.sleep(0.5)  # let it block on the silent server
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(getattr(signal, signal_name))
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()

@@ -268,10 +268,12 @@ def _what_is_kept(out: Path, good: str = "") -> str:
     """What a stopped ``train`` leaves in ``out``: the last checkpoint, or nothing."""
     from . import checkpoint
 
+    if not out.exists():
+        return f"no checkpoint was written ({out} does not exist)"
     try:
         iteration = checkpoint.load(out)["iteration"]
     except (CheckpointError, KeyError):
-        return f"no checkpoint was written ({out} does not exist)"
+        return f"{out} is not a checkpoint that can be resumed"
     return f"{out} holds the last {good}checkpoint (iteration {iteration}); continue with --resume"
 
 
@@ -444,7 +446,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args)
         return _evaluate_runs(args)
     except (ValueError, DataError, CheckpointError, DivergenceError, OSError) as err:
-        text = "; ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
         print(f"{parser.prog}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
