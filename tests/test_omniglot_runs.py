@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-from metabp import omniglot
 from metabp.data import DataError
 from metabp.omniglot_runs import fetch_runs, load_runs, runs_as_tasks
 from runs_fixture import make_runs, zip_runs

@@ -2,11 +2,11 @@
 
 The data set is 1623 handwritten characters from 50 alphabets, 20 drawings each,
 published as zips in its official repository. This module fetches a zip when it
-is absent (torchvision's ``download_url``), checks its md5 (``check_integrity``),
-extracts it atomically (``extract_archive`` into a temporary folder, then one
-rename), decodes every drawing once to 28x28 and keeps the result as a ``uint8``
-tensor cache (``<archive>_28px.pt``, written atomically), so that later loads are
-one ``torch.load``.
+is absent (:func:`download_file`, with a timeout), checks its md5
+(``check_integrity``), extracts it atomically (``extract_archive`` into a temporary
+folder, then one rename), decodes every drawing once to 28x28 and keeps the result
+as a ``uint8`` tensor cache (``<archive>_28px_<md5 prefix>.pt``, written
+atomically), so that later loads are one ``torch.load``.
 
 Where files go (:mod:`metabp.data`): zips are looked up in ``$METABP_DATA/omniglot``,
 which is only ever read (it may be a shared, read-only mirror), and then in the
