@@ -11,6 +11,7 @@ each a step and a sampler handed to it.
 from __future__ import annotations
 
 import copy
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -94,12 +95,31 @@ def _gradients(optimizer: torch.optim.Optimizer) -> list[Tensor | None]:
     return [p.grad for group in optimizer.param_groups for p in group["params"]]
 
 
+def _all_finite(tensors: list[Tensor | None]) -> bool:
+    """Whether every entry of every tensor is finite: one fused check (``check_finite`` names the culprit)."""
+    present = [t.detach().reshape(-1) for t in tensors if t is not None]
+    if len({t.device for t in present}) > 1:
+        return all(bool(torch.isfinite(t).all()) for t in present)
+    return not present or bool(torch.isfinite(torch.cat(present)).all())
+
+
+def _check_gradients(grads: list[Tensor | None], rates: Mapping[str, float]) -> None:
+    if not _all_finite(grads):
+        check_finite(0.0, grads, **rates)
+
+
 def _check_values(value: Any, grads: list | None, rates: Mapping[str, float]) -> None:
     values = value.values() if isinstance(value, Mapping) else [value]
     for v in values:
-        check_finite(v.detach() if isinstance(v, Tensor) else v, None, **rates)
+        if isinstance(v, Tensor):
+            v = v.detach()
+            finite = math.isfinite(v.item()) if v.numel() == 1 else _all_finite([v])
+        else:
+            finite = math.isfinite(v)
+        if not finite:
+            check_finite(v, None, **rates)
     if grads is not None:
-        check_finite(0.0, grads, **rates)
+        _check_gradients(grads, rates)
 
 
 def training_state(
@@ -235,7 +255,7 @@ def fit(
     end = iterations if stop_after is None else min(iterations, stop_after)
     hook = None
     if updates_itself:
-        hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: check_finite(0.0, _gradients(opt), **rates))
+        hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: _check_gradients(_gradients(opt), rates))
     began = time.perf_counter() - history.seconds
     bar = tqdm(range(start, end), initial=start, total=iterations, desc=desc, disable=not progress,
                mininterval=mininterval)
