@@ -9,10 +9,11 @@ stream (:class:`~metabp.episodes.EpisodeSampler`):
 * ``protonet``: prototypical networks (Snell et al., 2017), no inner loop.
 
 The first three are :class:`~metabp.bilevel.InnerLoop` settings of the same core
-(:func:`~metabp.bilevel.meta_step`). :func:`train` is the meta-training loop of the
-command line: it keeps everything a run depends on (model, optimiser, schedule,
-task-stream generator, iteration) in an atomically written checkpoint, so that a
-resumed run ends with exactly the parameters of an uninterrupted one.
+(:func:`~metabp.bilevel.meta_loss`). :func:`train` is the meta-training of the command
+line, on the library's loop (:func:`metabp.training.fit`): it keeps everything a run
+depends on (model, optimiser, schedule, task-stream generator, iteration) in an
+atomically written checkpoint, so that a resumed run ends with exactly the parameters
+of an uninterrupted one.
 """
 
 from __future__ import annotations
