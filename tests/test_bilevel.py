@@ -129,13 +129,24 @@ def test_functional_meta_gradient_equals_autograd_one():
 def test_compiled_meta_training_follows_the_eager_run():
     from metabp.training import meta_train
 
-    runs = []
+    import warnings
+
+    runs, fallbacks = [], []
     for compile in (False, True):
         torch.manual_seed(0)
         model = SineNet(hidden=8)
-        meta_train(model, SinusoidTasks(), InnerLoop("mse", 0.01, 1), iterations=3,
-                   meta_batch_size=4, meta_lr=0.01, compile=compile, progress=False)
+        start = [p.detach().clone() for p in model.parameters()]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            meta_train(model, SinusoidTasks(), InnerLoop("mse", 0.01, 1), iterations=3,
+                       meta_batch_size=4, meta_lr=0.01, compile=compile, progress=False)
+        fallbacks.append([str(w.message) for w in caught if "torch.compile" in str(w.message)])
         runs.append([p.detach().clone() for p in model.parameters()])
+        assert not all(torch.equal(a, b) for a, b in zip(start, runs[-1]))  # it trained
+    # Where this machine cannot compile, the compiled run fell back to the eager path and said so once,
+    # in one line; either way it must end where the eager run ends.
+    assert fallbacks[0] == [] and len(fallbacks[1]) <= 1
+    assert all("\n" not in m and "eagerly" in m for m in fallbacks[1])
     for a, b in zip(*runs):
         assert torch.allclose(a, b, atol=1e-5)
 

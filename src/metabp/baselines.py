@@ -18,17 +18,15 @@ an ordinary ``SineNet`` that the evaluation code adapts like any other.
 from __future__ import annotations
 
 import copy
-import time
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .bilevel import resolve_loss
 from .checks import positive_float, positive_int
 from .models import SineNet
 from .tasks import TaskPool
-from .training import History, seed_everything
+from .training import History, fit, seed_everything
 
 
 class MultiTaskHeads(nn.Module):
@@ -109,17 +107,17 @@ def multitask_train(
     generator = seed_everything(seed)
     net = MultiTaskHeads(SineNet() if model is None else model, len(pool))
     opt = torch.optim.Adam(net.parameters(), lr=lr)
-    history = History()
-    start = time.perf_counter()
-    for _ in tqdm(range(iterations), desc=desc, disable=not progress, mininterval=1.0):
-        task = torch.randint(len(pool), (batch_size,), generator=generator)
-        x, y = pool.x[task], pool.y[task]
-        opt.zero_grad(set_to_none=True)
-        value = loss_fn(net(x, task), y)
+
+    def draw(gen: torch.Generator) -> Tensor:
+        return torch.randint(len(pool), (batch_size,), generator=gen)
+
+    def step(task: Tensor) -> Tensor:
+        value = loss_fn(net(pool.x[task], task), pool.y[task])
         value.backward()
-        opt.step()
-        history.loss.append(value.item())
-    history.seconds = time.perf_counter() - start
+        return value
+
+    history = fit(step, draw, iterations, opt, generator, learning_rates={"lr": lr}, model=net,
+                  progress=progress, desc=desc, mininterval=1.0)
     return net, history
 
 

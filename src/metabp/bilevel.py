@@ -339,6 +339,12 @@ def meta_gradient_fn(
     ``torch.compile``. Compiling costs tens of seconds once and then removes most of
     the Python and dispatcher overhead that dominates small models such as the
     sinusoid network. ``params`` must not require grad (pass detached tensors).
+
+    Compilation is an optimisation, never a requirement: where ``torch.compile``
+    cannot build or run the function (no C++ compiler, generated code that does
+    not compile for this CPU), the first failing call says so in one warning and
+    this call and every later one run the same function eagerly (the same numbers
+    up to rounding). An error that the eager function raises too is raised.
     """
 
     def loss(params: Params, batch: TaskBatch) -> Tensor:
@@ -351,5 +357,29 @@ def meta_gradient_fn(
         # torch's C++-extension helper logs a harmless "No CUDA runtime is found"
         # warning on CPU-only machines the first time inductor loads it.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-        fn = torch.compile(fn)
+        fn = _compiled_or_eager(fn)
     return fn
+
+
+def _compiled_or_eager(fn: Callable) -> Callable:
+    """``torch.compile(fn)``, or ``fn`` itself (with one warning) from the first call that fails compiled."""
+    import warnings
+
+    compiled = torch.compile(fn)
+    use = [compiled]
+
+    def call(*args):
+        if use[0] is fn:
+            return fn(*args)
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any failure of the compiler; the eager call below decides
+            out = fn(*args)  # an error of the function itself is raised here, by the eager call
+            use[0] = fn
+            lines = str(error).strip().splitlines() or [""]
+            reason = f"{type(error).__name__}: {lines[0]}"[:300]
+            warnings.warn(f"torch.compile could not build or run the meta-gradient on this machine ({reason}); "
+                          f"running it eagerly instead (same numbers, slower)", RuntimeWarning, stacklevel=2)
+            return out
+
+    return call

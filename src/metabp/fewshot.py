@@ -9,31 +9,30 @@ stream (:class:`~metabp.episodes.EpisodeSampler`):
 * ``protonet``: prototypical networks (Snell et al., 2017), no inner loop.
 
 The first three are :class:`~metabp.bilevel.InnerLoop` settings of the same core
-(:func:`~metabp.bilevel.meta_step`). :func:`train` is the meta-training loop of the
-command line: it keeps everything a run depends on (model, optimiser, schedule,
-task-stream generator, iteration) in an atomically written checkpoint, so that a
-resumed run ends with exactly the parameters of an uninterrupted one.
+(:func:`~metabp.bilevel.meta_loss`). :func:`train` is the meta-training of the command
+line, on the library's loop (:func:`metabp.training.fit`): it keeps everything a run
+depends on (model, optimiser, schedule, task-stream generator, iteration) in an
+atomically written checkpoint, so that a resumed run ends with exactly the parameters
+of an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from . import checkpoint, protonet
-from .bilevel import InnerLoop, make_optimizer, meta_step
+from .bilevel import InnerLoop, get_params, make_optimizer, meta_loss
 from .checks import check_finite, nonnegative_int, one_of, positive_float, positive_int
 from .convnet import Conv4
 from .episodes import EpisodeSampler, ImageClasses
 from .evaluation import adaptation_curve
 from .tasks import TaskBatch
-from .training import History, seed_everything
+from .training import History, fit, seed_everything
 
 ALGORITHMS = ("maml", "fomaml", "anil", "protonet")
 
@@ -118,13 +117,29 @@ def build_model(config: FewShotConfig) -> Conv4:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBatch, config: FewShotConfig) -> float:
-    """One meta-update of ``config.algorithm`` on ``batch``; the loss before it."""
+    """One meta-update of ``config.algorithm`` on ``batch``; the loss before it.
+
+    Raises :class:`~metabp.checks.DivergenceError`, before updating, if the loss or a
+    gradient is not finite.
+    """
+    optimizer.zero_grad(set_to_none=True)
     if config.algorithm == "protonet":
-        return protonet.train_step(model, optimizer, batch)
-    # A Python loop over the episodes: exact through batch norm (vmap's second
-    # derivatives of nn.BatchNorm2d are not, see metabp.convnet) and, on a CPU,
-    # no slower than vmap for this network.
-    return meta_step(model, optimizer, batch, config.inner, vectorize=False)
+        loss = protonet.loss(model, batch)
+    else:
+        # A Python loop over the episodes: exact through batch norm (vmap's second
+        # derivatives of nn.BatchNorm2d are not, see metabp.convnet) and, on a CPU,
+        # no slower than vmap for this network.
+        loss = meta_loss(model, get_params(model), batch, config.inner, vectorize=False)
+    loss.backward()
+    check_finite(loss.detach(), [p.grad for p in model.parameters()], **_learning_rates(config))
+    optimizer.step()
+    return loss.item()
+
+
+def _learning_rates(config: FewShotConfig) -> dict[str, float]:
+    if config.algorithm == "protonet":
+        return {"meta_lr": config.meta_lr}
+    return {"inner_lr": config.inner_lr, "meta_lr": config.meta_lr}
 
 
 def default_test_steps(config: FewShotConfig) -> int:
@@ -166,20 +181,6 @@ def accuracy(
     )
     steps = [default_test_steps(config)] if steps is None else list(steps)
     return adaptation_curve(model, batch, inner, steps, metric="accuracy", chunk_size=chunk_size)
-
-
-def _state(config, model, optimizer, scheduler, generator, iteration, history) -> dict[str, Any]:
-    return {
-        "config": config.to_dict(),
-        "iteration": iteration,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "loss": list(history.loss),
-        "seconds": history.seconds,
-    }
 
 
 def load_model(path: Path | str, device: str | torch.device = "cpu") -> tuple[Conv4, FewShotConfig, dict[str, Any]]:
@@ -240,33 +241,13 @@ def train(
     model = build_model(config).to(device)
     optimizer = make_optimizer(model.parameters(), config.meta_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
-    rates = {"meta_lr": config.meta_lr} if config.algorithm == "protonet" else \
-        {"inner_lr": config.inner_lr, "meta_lr": config.meta_lr}
-    optimizer.register_step_pre_hook(  # DivergenceError at a non-finite gradient, before the update
-        lambda opt, *_: check_finite(0.0, [p.grad for g in opt.param_groups for p in g["params"]], **rates))
-    history, start = History(), 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        history.loss, history.seconds, start = list(state["loss"]), float(state["seconds"]), int(state["iteration"])
-    end = config.iterations if stop_after is None else min(config.iterations, stop_after)
-    began = time.perf_counter() - history.seconds
-    bar = tqdm(range(start, end), initial=start, total=config.iterations, desc=config.algorithm,
-               disable=not progress, mininterval=1.0)
-    for it in bar:
-        batch = sampler(config.meta_batch_size, generator)
-        history.loss.append(train_step(model, optimizer, batch, config))
-        check_finite(history.loss[-1], None, **rates)
-        if scheduler is not None:
-            scheduler.step()
-        history.seconds = time.perf_counter() - began
-        if callback is not None:
-            callback(it + 1, model)
-        if out is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == end):
-            checkpoint.save(out, _state(config, model, optimizer, scheduler, generator, it + 1, history))
-    bar.close()
+    save = None if out is None else (lambda s: checkpoint.save(out, {"config": config.to_dict(), **s}))
+    history = fit(
+        lambda batch: train_step(model, optimizer, batch, config),
+        lambda gen: sampler(config.meta_batch_size, gen), config.iterations, optimizer, generator, scheduler,
+        updates_itself=True, learning_rates=_learning_rates(config),
+        callback=None if callback is None else (lambda it, _: callback(it, model)),
+        model=model, resume=state, stop_after=stop_after, save=save, save_every=checkpoint_every,
+        progress=progress, desc=config.algorithm, mininterval=1.0,
+    )
     return model, history

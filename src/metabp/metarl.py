@@ -21,7 +21,6 @@ on all goals without meta-learning (the paper's "pretrained" baseline).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -31,6 +30,7 @@ from torch.func import grad, vmap
 
 from .bilevel import get_params
 from .checks import nonnegative_int, one_of, positive_float, positive_int
+from .training import History, fit
 from .navigation import (Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout, rollout_lockstep,
                          rollout_steps)
 
@@ -208,38 +208,37 @@ def meta_iteration(
     return first, traj.mean_return().mean().item()
 
 
-@dataclass
-class RLHistory:
-    """Mean return per meta-iteration before and after adaptation, and the wall time."""
-
-    before: list[float]
-    after: list[float]
-    seconds: float = 0.0
-
-
 def meta_train(
     env: Navigation2D, policy: nn.Module, cfg: MetaRL, iterations: int, seed: int = 0,
-    callback: Callable[[int, RLHistory], None] | None = None,
-) -> RLHistory:
-    """Meta-train ``policy`` in place for ``iterations`` meta-iterations (fresh goals each)."""
+    callback: Callable[[int, History], None] | None = None, progress: bool = False,
+    resume: dict | None = None, stop_after: int | None = None,
+) -> History:
+    """Meta-train ``policy`` in place for ``iterations`` meta-iterations (fresh goals each), on
+    :func:`metabp.training.fit`.
+
+    Returns a :class:`~metabp.training.History` whose metrics ``before`` and ``after``
+    (also ``history.before``, ``history.after``) are the mean returns of every iteration
+    before and after adaptation. ``callback(iteration, history)`` runs after every
+    iteration (1-based). ``resume`` (a ``history.state``, or a checkpoint of one) and
+    ``stop_after`` continue and interrupt a run as in :func:`~metabp.training.fit`.
+    A non-finite gradient (checked before every update) or return raises
+    :class:`~metabp.checks.DivergenceError`.
+    """
     positive_int("iterations", iterations)
     generator = torch.Generator().manual_seed(seed)
     std = [p for n, p in policy.named_parameters() if n == "log_std"]
     rest = [p for n, p in policy.named_parameters() if n != "log_std"]
     optimizer = torch.optim.Adam([{"params": rest}, {"params": std, "lr": cfg.std_lr or cfg.meta_lr}], lr=cfg.meta_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations) if cfg.cosine else None
-    history = RLHistory([], [])
-    start = time.perf_counter()
-    for i in range(iterations):
-        goals = env.sample_goals(cfg.meta_batch_size, generator)
+
+    def step(goals: Tensor) -> dict[str, float]:
         before, after = meta_iteration(env, policy, optimizer, goals, cfg, generator)
-        if schedule is not None:
-            schedule.step()
-        history.before.append(before), history.after.append(after)
-        if callback is not None:
-            callback(i, history)
-    history.seconds = time.perf_counter() - start
-    return history
+        return {"before": before, "after": after}
+
+    rates = {"inner_lr": cfg.inner_lr, "meta_lr": cfg.meta_lr, "std_lr": cfg.std_lr or cfg.meta_lr}
+    return fit(step, lambda gen: env.sample_goals(cfg.meta_batch_size, gen), iterations, optimizer, generator,
+               schedule, updates_itself=True, learning_rates=rates, callback=callback, model=policy,
+               resume=resume, stop_after=stop_after, progress=progress, desc="meta-RL", mininterval=1.0)
 
 
 def adapted_without_graph(

@@ -19,22 +19,20 @@ networks:
 from __future__ import annotations
 
 import copy
-import time
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from pathlib import Path
 
 from . import checkpoint
-from .checks import check_finite, positive_float, positive_int, step_counts
+from .checks import positive_float, positive_int, step_counts
 from .convnet import Conv4
 from .episodes import ImageClasses, _to_float
 from .tasks import TaskBatch
-from .training import History, seed_everything
+from .training import History, fit, seed_everything
 
 #: Drawings kept per digit class: scikit-learn's data set has 174 to 183 per class,
 #: and :class:`~metabp.episodes.ImageClasses` needs the same number for every class.
@@ -124,21 +122,20 @@ def pretrain_classifier(
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iterations) if cosine else None
     c, m = len(classes), classes.drawings
-    history = History()
-    start = time.perf_counter()
-    for _ in tqdm(range(iterations), desc="pretraining", disable=not progress, mininterval=5.0):
-        label = torch.randint(c, (batch_size,), generator=generator)
-        drawing = torch.randint(m, (batch_size,), generator=generator)
-        x = _to_float(classes.images[label, drawing])
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(x), label)
+
+    def draw(gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        label = torch.randint(c, (batch_size,), generator=gen)
+        drawing = torch.randint(m, (batch_size,), generator=gen)
+        return label, drawing
+
+    def step(batch: tuple[Tensor, Tensor]) -> Tensor:
+        label, drawing = batch
+        loss = F.cross_entropy(model(_to_float(classes.images[label, drawing])), label)
         loss.backward()
-        check_finite(loss, [p.grad for p in model.parameters()], lr=lr)  # before the update
-        opt.step()
-        if schedule is not None:
-            schedule.step()
-        history.loss.append(loss.item())
-    history.seconds = time.perf_counter() - start
+        return loss
+
+    history = fit(step, draw, iterations, opt, generator, schedule, learning_rates={"lr": lr}, model=model,
+                  progress=progress, desc="pretraining")
     return model, history
 
 
