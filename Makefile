@@ -2,6 +2,7 @@
 #
 #   make book   (default) install .venv if needed, render the book to _build/html
 #   make test   unit tests, nbval over every notebook, then a strict book build
+#   make test-kernels  the unit tests and the cheapest chapters again on another kernel path
 #   make venv   create/refresh .venv from requirements.txt and pyproject.toml
 #   make notebooks  re-execute the chapters in place (NB=path for one)
 #   make clean  remove _build
@@ -17,7 +18,7 @@ JB_FLAGS      := -W -n --keep-going
 NBVAL_WORKERS ?= 2
 
 .DEFAULT_GOAL := book
-.PHONY: venv book test notebooks clean
+.PHONY: venv book test test-kernels notebooks clean
 
 venv: $(STAMP)
 
@@ -57,6 +58,21 @@ test: venv
 	    -n $(NBVAL_WORKERS) --dist loadscope
 	rm -rf _build
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
+
+# The same proof on a second kernel path: ATEN_CPU_CAPABILITY=default makes PyTorch
+# use its portable, non-SIMD CPU kernels instead of the AVX2/AVX-512 ones it picks
+# on this machine, so floating-point results differ in their last digits as they do
+# on another CPU. The unit tests (which check numbers with tolerances) and the
+# cheapest chapters must pass there too (CONTRIBUTING.md, "Outputs and tolerances").
+# `.ci/run` runs it after `make test`.
+KERNEL_ENV      := ATEN_CPU_CAPABILITY=default
+KERNEL_CHAPTERS ?= notebooks/01_background.ipynb notebooks/02_core_concepts.ipynb
+
+test-kernels: venv
+	$(KERNEL_ENV) $(BIN)/python -m pytest tests
+	$(KERNEL_ENV) $(NB_ENV) $(BIN)/python -m pytest --nbval $(KERNEL_CHAPTERS) --nbval-current-env \
+	    --nbval-sanitize-with tests/nbval_sanitize.cfg \
+	    -n $(NBVAL_WORKERS) --dist loadscope
 
 # Re-execute chapters in place, as `make test` will check them: NB=notebooks/03_algorithm.ipynb
 # for one, all of them by default.
