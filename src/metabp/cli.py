@@ -31,6 +31,7 @@ import torch
 
 from .checkpoint import CheckpointError
 from .data import DataError
+from .distributed import PeerError
 from .fewshot import ALGORITHMS, FewShotConfig
 
 #: Named configurations. 'chapter' is what chapter 6.1 trains. The paper presets are
@@ -97,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the checkpoint every N iterations (default 250) and at the end")
     _add_common(om)
     _add_config_options(om)
+    from .cli_families import add_evaluate_parsers, add_train_parsers
+
+    add_train_parsers(families, _Parser)
 
     pre = commands.add_parser("pretrain", help="train an ordinary classifier for transfer learning")
     pre_families = pre.add_subparsers(dest="family", required=True, parser_class=_Parser)
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     evo.add_argument("--seed", type=int, default=0)
     _add_adaptation(evo)
     _add_common(evo)
+    add_evaluate_parsers(ev_families)
 
     runs = commands.add_parser("evaluate-runs", help="error on Lake et al.'s 20 official one-shot runs")
     runs.add_argument("--checkpoint", required=True, type=Path)
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    bench.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="instead: time one sharded meta-step with N processes x --threads threads each (gloo) "
+                            "against one process with N x threads threads (metabp.scaling)")
     return parser
 
 
@@ -180,34 +188,52 @@ def _device(name: str) -> torch.device:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .cli_families import job_prelude
     from .fewshot import train
     from .omniglot import load_split
 
     config, given = _config_from(args)
-    if args.resume:
-        from .fewshot import load_model
-
-        _, stored, state = load_model(args.out)
-        clash = {k: v for k, v in given.items() if getattr(stored, k) != v}
-        if clash or args.preset != "chapter":
-            raise ValueError(
-                f"--resume continues the run in {args.out} with its own configuration; "
-                f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
-            )
-        config = stored
-        print(f"resuming {args.out} at iteration {state['iteration']} of {config.iterations}", file=sys.stderr)
-    else:
-        _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
-    _check_out_folder(args.out)
     device = _device(args.device)
-    classes = load_split(config.background, "train")
+    group = distributed.init(device)
     try:
-        model, history = train(config, classes, args.out, args.resume, args.checkpoint_every, device, args.progress)
-    except KeyboardInterrupt:
-        print(f"interrupted; {args.out} holds the last checkpoint; continue with --resume", file=sys.stderr)
-        return 1
-    print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
-          f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
+        def decide(resume: bool) -> dict:
+            if resume:
+                from .fewshot import load_model
+
+                _, stored, state = load_model(args.out)
+                clash = {k: v for k, v in given.items() if getattr(stored, k) != v}
+                if clash or args.preset != "chapter":
+                    raise ValueError(
+                        f"--resume continues the run in {args.out} with its own configuration; "
+                        f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
+                    )
+                print(f"resuming {args.out} at iteration {state['iteration']} of {stored.iterations}",
+                      file=sys.stderr)
+                return stored.to_dict()
+            _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
+            _check_out_folder(args.out)
+            return config.to_dict()
+
+        resume, stored = job_prelude(args, group, decide)
+        config = FewShotConfig.from_dict(stored)
+        if not group.main:
+            group.barrier()  # rank 0 fetches the data first
+        classes = load_split(config.background, "train")
+        if group.main:
+            group.barrier()
+        try:
+            model, history = train(config, classes, args.out, resume, args.checkpoint_every, group.device,
+                                   args.progress, group=group)
+        except KeyboardInterrupt:
+            if group.main:
+                print(f"interrupted; {args.out} holds the last checkpoint; continue with --resume", file=sys.stderr)
+            return 1
+    finally:
+        distributed.shutdown()
+    if group.main:
+        print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
+              f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
     return 0
 
 
@@ -318,15 +344,32 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        if args.command in ("train", "evaluate") and args.family != "omniglot":
+            from . import cli_families
+
+            return (cli_families.train if args.command == "train" else cli_families.evaluate)(args)
         if args.command == "train":
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "bench" and args.processes is not None:
+            from .scaling import main as scaling_main
+
+            return scaling_main(args)
         if args.command == "bench":
             return _bench(args)
         return _evaluate_runs(args)
     except (ValueError, DataError, CheckpointError, OSError) as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        print(f"{parser.prog}: error: {_rank_prefix()}{err}", file=sys.stderr)
         return 2
+    except PeerError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _rank_prefix() -> str:
+    """'rank R of N: ' under torchrun with several processes, else ''."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '?')} of {world}: " if world > 1 else ""

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import checkpoint, protonet
+from . import checkpoint, distributed, protonet
 from .bilevel import InnerLoop, make_optimizer, meta_step
 from .checks import nonnegative_int, one_of, positive_float, positive_int
 from .convnet import Conv4
@@ -204,6 +204,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, Conv4], None] | None = None,
     stop_after: int | None = None,
+    group: "distributed.Group | None" = None,
 ) -> tuple[Conv4, History]:
     """Meta-train a Conv4 on episodes from ``classes`` with ``config``.
 
@@ -220,6 +221,8 @@ def train(
             held-out accuracy); it must not consume the training randomness.
         stop_after: stop (with a checkpoint) after this many iterations in total, as
             if the run had been interrupted there; for tests of ``resume``.
+        group: the processes sharing each meta-batch (:func:`metabp.distributed.init`);
+            only its rank 0 reads and writes ``out`` and shows progress.
 
     Returns:
         The trained model and its :class:`~metabp.training.History` (loss of every
@@ -231,7 +234,7 @@ def train(
     if resume:
         if out is None:
             raise ValueError("resume=True needs out, the checkpoint to continue")
-        state = checkpoint.load(out)
+        state = distributed.load_on_main(out, group, checkpoint.load)
         stored = FewShotConfig.from_dict(state["config"])
         if stored != config:
             raise ValueError(f"config differs from the one stored in {out}: {stored}")
@@ -251,17 +254,19 @@ def train(
         history.loss, history.seconds, start = list(state["loss"]), float(state["seconds"]), int(state["iteration"])
     end = config.iterations if stop_after is None else min(config.iterations, stop_after)
     began = time.perf_counter() - history.seconds
+    main = group is None or group.main
+    step = distributed.shard_step(lambda m, o, b: train_step(m, o, b, config), group)
     bar = tqdm(range(start, end), initial=start, total=config.iterations, desc=config.algorithm,
-               disable=not progress, mininterval=1.0)
+               disable=not progress or not main, mininterval=1.0)
     for it in bar:
         batch = sampler(config.meta_batch_size, generator)
-        history.loss.append(train_step(model, optimizer, batch, config))
+        history.loss.append(step(model, optimizer, batch))
         if scheduler is not None:
             scheduler.step()
         history.seconds = time.perf_counter() - began
         if callback is not None:
             callback(it + 1, model)
-        if out is not None and ((it + 1) % checkpoint_every == 0 or it + 1 == end):
+        if out is not None and main and ((it + 1) % checkpoint_every == 0 or it + 1 == end):
             checkpoint.save(out, _state(config, model, optimizer, scheduler, generator, it + 1, history))
     bar.close()
     return model, history
