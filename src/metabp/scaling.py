@@ -171,3 +171,45 @@ def main(args: argparse.Namespace) -> int:
         print(format_report(result, args.processes, threads), flush=True)
     print(file=sys.stderr, end="")
     return 0
+
+
+def _train_worker(rank: int, world: int, port: int, family: str, config_dict: dict, queue) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    from .families import CONFIGS, train
+
+    torch.set_num_threads(1)
+    group = distributed.init("cpu")
+    try:
+        model, _, _ = train(family, CONFIGS[family].from_dict(config_dict), progress=False, group=group)
+        queue.put((rank, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+    finally:
+        distributed.shutdown()
+
+
+def compare_processes(family: str, config, processes: int = 2) -> dict[str, float]:
+    """Train ``config`` of ``family`` in one process and in ``processes`` (gloo, 127.0.0.1).
+
+    Returns the largest absolute difference of the final parameters between the
+    multi-process run and the one-process run (``'vs_one_process'``) and between
+    the ranks of the multi-process run (``'between_ranks'``; 0 when every rank
+    applied the same updates).
+    """
+    from .families import train
+
+    positive_int("processes", processes)
+    ctx = torch.multiprocessing.get_context("spawn")
+    queue = ctx.SimpleQueue()
+    torch.multiprocessing.start_processes(_train_worker, (processes, _free_port(), family, config.to_dict(), queue),
+                                          nprocs=processes, join=True, start_method="spawn")
+    results = dict(queue.get() for _ in range(processes))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one, _, _ = train(family, config, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    reference = one.state_dict()
+    between = max((results[r][k] - results[0][k]).abs().max().item() for r in results for k in reference)
+    versus = max((results[0][k] - reference[k]).abs().max().item() for k in reference)
+    return {"vs_one_process": versus, "between_ranks": between}
