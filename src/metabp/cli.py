@@ -5,14 +5,19 @@ Commands:
 * ``train omniglot --out CHECKPOINT``: meta-train a few-shot learner on Omniglot
   (the chapter's configuration by default, the MAML paper's with ``--preset``),
   with a progress bar, atomic checkpoints and ``--resume``.
+* ``train sinusoid|navigation --out CHECKPOINT``: chapters 3's and 6.3's runs, in
+  the same style (:mod:`metabp.cli_families`). Every ``train`` also runs under
+  ``torchrun --nproc_per_node N -m metabp train ...``, each meta-batch shared by
+  the processes (:mod:`metabp.distributed`).
 * ``evaluate omniglot --checkpoint CHECKPOINT``: accuracy and 95% interval on
-  the held-out alphabets.
+  the held-out alphabets (``evaluate sinusoid|navigation`` for the others).
 * ``evaluate-runs --checkpoint CHECKPOINT [--runs FOLDER]``: error on Lake et
   al.'s 20 official one-shot runs; the last line is ``error_percent: X``.
 * ``bench [sinusoid] [omniglot]``: the same MAML meta-step with this library,
   learn2learn, higher, TorchOpt and the article's listing, checked and timed
   (:mod:`metabp.bench`); one ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``
-  line per configuration.
+  line per configuration; with ``--processes N``, one process against N sharing
+  the meta-batch (:mod:`metabp.scaling`).
 
 Every failure the user can fix (bad option, missing file, wrong layout) ends with
 one line on stderr and exit status 2 (1 for an interrupted run), not a traceback.
