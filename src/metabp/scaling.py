@@ -21,6 +21,7 @@ and lasts until the slowest process holds the summed gradient. Its
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import socket
 import statistics
@@ -182,7 +183,9 @@ def _train_worker(rank: int, world: int, port: int, family: str, config_dict: di
     group = distributed.init("cpu")
     try:
         model, _, _ = train(family, CONFIGS[family].from_dict(config_dict), progress=False, group=group)
-        queue.put((rank, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        buffer = io.BytesIO()  # bytes, not tensors: a tensor's shared memory dies with this process
+        torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, buffer)
+        queue.put((rank, buffer.getvalue()))
     finally:
         distributed.shutdown()
 
@@ -202,7 +205,8 @@ def compare_processes(family: str, config, processes: int = 2) -> dict[str, floa
     queue = ctx.SimpleQueue()
     torch.multiprocessing.start_processes(_train_worker, (processes, _free_port(), family, config.to_dict(), queue),
                                           nprocs=processes, join=True, start_method="spawn")
-    results = dict(queue.get() for _ in range(processes))
+    results = {rank: torch.load(io.BytesIO(data), weights_only=True)
+               for rank, data in (queue.get() for _ in range(processes))}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
