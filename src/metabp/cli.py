@@ -5,14 +5,19 @@ Commands:
 * ``train omniglot --out CHECKPOINT``: meta-train a few-shot learner on Omniglot
   (the chapter's configuration by default, the MAML paper's with ``--preset``),
   with a progress bar, atomic checkpoints and ``--resume``.
+* ``train sinusoid|navigation --out CHECKPOINT``: chapters 3's and 6.3's runs, in
+  the same style (:mod:`metabp.cli_families`). Every ``train`` also runs under
+  ``torchrun --nproc_per_node N -m metabp train ...``, each meta-batch shared by
+  the processes (:mod:`metabp.distributed`).
 * ``evaluate omniglot --checkpoint CHECKPOINT``: accuracy and 95% interval on
-  the held-out alphabets.
+  the held-out alphabets (``evaluate sinusoid|navigation`` for the others).
 * ``evaluate-runs --checkpoint CHECKPOINT [--runs FOLDER]``: error on Lake et
   al.'s 20 official one-shot runs; the last line is ``error_percent: X``.
 * ``bench [sinusoid] [omniglot]``: the same MAML meta-step with this library,
   learn2learn, higher, TorchOpt and the article's listing, checked and timed
   (:mod:`metabp.bench`); one ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``
-  line per configuration.
+  line per configuration; with ``--processes N``, one process against N sharing
+  the meta-batch (:mod:`metabp.scaling`).
 
 Every failure the user can fix (bad option, missing file, wrong layout, a run that
 diverged) ends with one line on stderr and exit status 2 (1 for an interrupted run,
@@ -37,6 +42,7 @@ import torch
 from .checkpoint import CheckpointError
 from .checks import DivergenceError
 from .data import DataError
+from .distributed import PeerError
 from .fewshot import ALGORITHMS, FewShotConfig
 
 #: Named configurations. 'chapter' is what chapter 6.1 trains. The paper presets are
@@ -127,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write the checkpoint every N iterations (default 250) and at the end")
     _add_common(om)
     _add_config_options(om)
+    from .cli_families import add_evaluate_parsers, add_train_parsers
+
+    add_train_parsers(families, _Parser)
 
     pre = commands.add_parser("pretrain", help="train an ordinary classifier for transfer learning")
     pre_families = pre.add_subparsers(dest="family", required=True, parser_class=_Parser)
@@ -153,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     evo.add_argument("--seed", type=_seed, default=0)
     _add_adaptation(evo)
     _add_common(evo)
+    add_evaluate_parsers(ev_families)
 
     runs = commands.add_parser("evaluate-runs", help="error on Lake et al.'s 20 official one-shot runs")
     runs.add_argument("--checkpoint", required=True, type=Path)
@@ -183,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=_seed, default=0)
     bench.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    bench.add_argument("--processes", type=int, default=None, metavar="N",
+                       help="instead: time one sharded meta-step with N processes x --threads threads each (gloo) "
+                            "against one process with N x threads threads (metabp.scaling)")
     return parser
 
 
@@ -211,37 +224,55 @@ def _device(name: str) -> torch.device:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .cli_families import job_prelude
     from .fewshot import train
     from .omniglot import load_split
 
     config, given = _config_from(args)
-    _check_out_folder(args.out)
-    if args.resume:
-        from .fewshot import load_model
-
-        _, stored, state = load_model(args.out)
-        clash = {k: v for k, v in given.items() if getattr(stored, k) != v}
-        if clash or args.preset != "chapter":
-            raise ValueError(
-                f"--resume continues the run in {args.out} with its own configuration; "
-                f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
-            )
-        config = stored
-        _check_resumable(args.out, state, config)
-        print(f"resuming {args.out} at iteration {state['iteration']} of {config.iterations}", file=sys.stderr)
-    else:
-        _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
     device = _device(args.device)
-    classes = load_split(config.background, "train")
+    group = distributed.init(device)
     try:
-        model, history = train(config, classes, args.out, args.resume, args.checkpoint_every, device, args.progress)
-    except KeyboardInterrupt:
-        print(f"interrupted; {_what_is_kept(args.out)}", file=sys.stderr)
-        return 1
-    except DivergenceError as err:
-        raise ValueError(f"{err}; {_what_is_kept(args.out, 'good ')}") from None
-    print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
-          f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
+        def decide(resume: bool) -> dict:
+            _check_out_folder(args.out)
+            if resume:
+                from .fewshot import load_model
+
+                _, stored, state = load_model(args.out)
+                clash = {k: v for k, v in given.items() if getattr(stored, k) != v}
+                if clash or args.preset != "chapter":
+                    raise ValueError(
+                        f"--resume continues the run in {args.out} with its own configuration; "
+                        f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
+                    )
+                _check_resumable(args.out, state, stored)
+                print(f"resuming {args.out} at iteration {state['iteration']} of {stored.iterations}",
+                      file=sys.stderr)
+                return stored.to_dict()
+            _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
+            return config.to_dict()
+
+        resume, stored = job_prelude(args, group, decide)
+        config = FewShotConfig.from_dict(stored)
+        if not group.main:
+            group.barrier()  # rank 0 fetches the data first
+        classes = load_split(config.background, "train")
+        if group.main:
+            group.barrier()
+        try:
+            model, history = train(config, classes, args.out, resume, args.checkpoint_every, group.device,
+                                   args.progress, group=group)
+        except KeyboardInterrupt:
+            if group.main:
+                print(f"interrupted; {_what_is_kept(args.out)}", file=sys.stderr)
+            return 1
+        except DivergenceError as err:
+            raise ValueError(f"{err}; {_what_is_kept(args.out, 'good ')}") from None
+    finally:
+        distributed.shutdown()
+    if group.main:
+        print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
+              f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
     return 0
 
 
@@ -436,22 +467,39 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
+        if args.command in ("train", "evaluate") and args.family != "omniglot":
+            from . import cli_families
+
+            return (cli_families.train if args.command == "train" else cli_families.evaluate)(args)
         if args.command == "train":
             return _train(args)
         if args.command == "evaluate":
             return _evaluate(args)
         if args.command == "pretrain":
             return _pretrain(args)
+        if args.command == "bench" and args.processes is not None:
+            from .scaling import main as scaling_main
+
+            return scaling_main(args)
         if args.command == "bench":
             return _bench(args)
         return _evaluate_runs(args)
     except (ValueError, DataError, CheckpointError, DivergenceError, OSError) as err:
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
-        print(f"{parser.prog}: error: {text}", file=sys.stderr)
+        print(f"{parser.prog}: error: {_rank_prefix()}{text}", file=sys.stderr)
         return 2
+    except PeerError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return 1
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _rank_prefix() -> str:
+    """'rank R of N: ' under torchrun with several processes, else ''."""
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '?')} of {world}: " if world > 1 else ""

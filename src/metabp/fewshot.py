@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint, protonet
+from . import checkpoint, distributed, protonet
 from .bilevel import InnerLoop, get_params, make_optimizer, meta_loss
 from .checks import check_finite, nonnegative_int, one_of, positive_float, positive_int
 from .convnet import Conv4
@@ -205,6 +205,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, Conv4], None] | None = None,
     stop_after: int | None = None,
+    group: "distributed.Group | None" = None,
 ) -> tuple[Conv4, History]:
     """Meta-train a Conv4 on episodes from ``classes`` with ``config``.
 
@@ -221,6 +222,8 @@ def train(
             held-out accuracy); it must not consume the training randomness.
         stop_after: stop (with a checkpoint) after this many iterations in total, as
             if the run had been interrupted there; for tests of ``resume``.
+        group: the processes sharing each meta-batch (:func:`metabp.distributed.init`);
+            only its rank 0 reads and writes ``out`` and shows progress.
 
     Returns:
         The trained model and its :class:`~metabp.training.History` (loss of every
@@ -232,7 +235,7 @@ def train(
     if resume:
         if out is None:
             raise ValueError("resume=True needs out, the checkpoint to continue")
-        state = checkpoint.load(out)
+        state = distributed.load_on_main(out, group, checkpoint.load)
         stored = FewShotConfig.from_dict(state["config"])
         if stored != config:
             raise ValueError(f"config differs from the one stored in {out}: {stored}")
@@ -241,13 +244,15 @@ def train(
     model = build_model(config).to(device)
     optimizer = make_optimizer(model.parameters(), config.meta_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
-    save = None if out is None else (lambda s: checkpoint.save(out, {"config": config.to_dict(), **s}))
+    main = group is None or group.main
+    save = None if out is None or not main else (lambda s: checkpoint.save(out, {"config": config.to_dict(), **s}))
+    step = distributed.shard_step(lambda m, o, b: train_step(m, o, b, config), group)
     history = fit(
-        lambda batch: train_step(model, optimizer, batch, config),
+        lambda batch: step(model, optimizer, batch),
         lambda gen: sampler(config.meta_batch_size, gen), config.iterations, optimizer, generator, scheduler,
         updates_itself=True, learning_rates=_learning_rates(config),
         callback=None if callback is None else (lambda it, _: callback(it, model)),
         model=model, resume=state, stop_after=stop_after, save=save, save_every=checkpoint_every,
-        progress=progress, desc=config.algorithm, mininterval=1.0,
+        progress=progress and main, desc=config.algorithm, mininterval=1.0,
     )
     return model, history

@@ -158,22 +158,25 @@ def adapt(
     return vmap(one_task, in_dims=in_dims)(dict(params), *steps, old_logp)
 
 
-def outer_loss(policy: nn.Module, params: Params, steps: Steps, old_logp: Tensor | None, clip: float | None) -> Tensor:
+def outer_loss(policy: nn.Module, params: Params, steps: Steps, old_logp: Tensor | None, clip: float | None,
+               count: Tensor | None = None) -> Tensor:
     """Negative (clipped) surrogate of query steps under per-task ``params``, mean over steps.
 
     ``old_logp=None``: the detached ``params`` played ``steps`` (the ratio is then 1).
+    ``count``: the number of steps to divide by (default those of ``steps``; a process
+    holding a share of the tasks passes the count of all of them).
     """
     logp = log_prob(policy, params, steps.obs, steps.act, batched=True)
     ratio = (logp - (logp.detach() if old_logp is None else old_logp)).exp()
     gain = ratio * steps.adv
     if clip is not None:
         gain = torch.minimum(gain, ratio.clamp(1 - clip, 1 + clip) * steps.adv)
-    return -(gain * steps.mask).sum() / steps.mask.sum()
+    return -(gain * steps.mask).sum() / (steps.mask.sum() if count is None else count)
 
 
 def meta_iteration(
     env: Navigation2D, policy: nn.Module, optimizer: torch.optim.Optimizer, goals: Tensor,
-    cfg: MetaRL, generator: torch.Generator | None = None,
+    cfg: MetaRL, generator: torch.Generator | None = None, shard=None,
 ) -> tuple[float, float]:
     """Sample, adapt, sample again, and take ``cfg.outer_epochs`` outer steps.
 
@@ -182,11 +185,15 @@ def meta_iteration(
     the same trajectories (the ``lvc`` ratio keeps the inner gradient valid there).
     With ``inner_steps=0`` the loss is the clipped surrogate of ``theta`` itself.
     Returns the mean return before and after adaptation.
+
+    ``shard`` (a :class:`metabp.distributed.TaskShard`, see
+    :func:`metabp.distributed.shard_iteration`): ``goals`` are this process's share of
+    the meta-batch; episodes, outer loss and returns are then those of the whole batch.
     """
     params = get_params(policy)
     min_steps = cfg.num_trajectories * env.horizon if cfg.count_steps else None
-    traj = _play(env, policy, params, goals, cfg.num_trajectories, min_steps, generator, False)
-    first = traj.mean_return().mean().item()
+    traj = _play(env, policy, params, goals, cfg.num_trajectories, min_steps, generator, False, shard=shard)
+    first = _mean_return(traj, shard)
     support: list[tuple[Steps, Tensor | None]] = []
     # One epoch differentiates at the parameters that played: no old log-probabilities needed.
     keep_old = cfg.outer_epochs > 1
@@ -197,15 +204,23 @@ def meta_iteration(
                 support.append(support_steps(policy, p, traj, cfg.gamma, batched, keep_old))
             p, batched = adapt(policy, p, *support[k], cfg.inner_lr, cfg.estimator, batched), True
             if epoch == 0:
-                traj = _play(env, policy, p, goals, cfg.num_trajectories, min_steps, generator, True)
+                traj = _play(env, policy, p, goals, cfg.num_trajectories, min_steps, generator, True, shard=shard)
         if epoch == 0:
             query = support_steps(policy, p, traj, cfg.gamma, batched, keep_old)
+            count = None if shard is None else shard.sum(query[0].mask.sum())
         if not batched:
             p = {k: v.expand((goals.shape[0],) + v.shape) for k, v in p.items()}
         optimizer.zero_grad(set_to_none=True)
-        outer_loss(policy, p, *query, cfg.clip).backward()
+        outer_loss(policy, p, *query, cfg.clip, count).backward()
         optimizer.step()
-    return first, traj.mean_return().mean().item()
+    return first, _mean_return(traj, shard)
+
+
+def _mean_return(traj: Trajectories, shard) -> float:
+    """Mean over tasks of each task's mean return (over every process's tasks with ``shard``)."""
+    if shard is None:
+        return traj.mean_return().mean().item()
+    return (shard.sum(traj.mean_return().sum()) / shard.total).item()
 
 
 def meta_train(
@@ -266,14 +281,14 @@ def adapted_without_graph(
 
 def _play(
     env: Navigation2D, policy: nn.Module, params: Params, goals: Tensor, num_trajectories: int, min_steps: int | None,
-    generator: torch.Generator | None, batched: bool, lockstep: bool = False,
+    generator: torch.Generator | None, batched: bool, lockstep: bool = False, shard=None,
 ) -> Trajectories:
     """``num_trajectories`` episodes per goal, or (``min_steps`` set) :func:`rollout_steps` in rounds of that many,
     or (``lockstep`` too) :func:`rollout_lockstep` on that many slots."""
     if min_steps is None:
         if lockstep:
             raise ValueError("lockstep=True fills batches counted in steps: it needs min_steps, got None")
-        return rollout(env, policy, params, goals, num_trajectories, generator, batched=batched)
+        return rollout(env, policy, params, goals, num_trajectories, generator, batched=batched, shard=shard)
     if lockstep:
         return rollout_lockstep(env, policy, params, goals, min_steps, num_trajectories, generator, batched=batched)
     return rollout_steps(env, policy, params, goals, min_steps, num_trajectories, generator, batched=batched)

@@ -239,10 +239,15 @@ def rollout(
     num_trajectories: int,
     generator: torch.Generator | None = None,
     batched: bool = False,
+    shard=None,
 ) -> Trajectories:
     """Play ``num_trajectories`` episodes on each goal in ``goals`` ``(B, 2)``, all at once.
 
     ``params`` are shared (``batched=False``) or per task (``batched=True``).
+    ``shard`` (a :class:`metabp.distributed.TaskShard`): ``goals`` are this process's
+    slice of a larger batch; noise is drawn for the whole batch and sliced, and the
+    episodes stop when those of every process have ended, so the slice plays exactly
+    what it would play in the whole batch.
     """
     positive_int("num_trajectories", num_trajectories)
     _check_goals(goals)
@@ -253,10 +258,13 @@ def rollout(
     goal = goals.unsqueeze(1)
     obs, act, rew, mask = [], [], [], []
     for _ in range(horizon):
-        if not alive.any():
+        if not (alive.any() if shard is None else shard.any(bool(alive.any()))):
             break
         mean, std = distribution(policy, params, pos, batched)
-        a = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        if shard is None:
+            a = mean + std * torch.randn(mean.shape, generator=generator, dtype=mean.dtype)
+        else:
+            a = mean + std * shard.noise(mean.shape, generator, mean.dtype)
         new_pos, r, done = env.step(pos, a, goal)
         obs.append(pos), act.append(a), rew.append(r), mask.append(alive)
         pos = torch.where(alive.unsqueeze(-1) > 0, new_pos, pos)

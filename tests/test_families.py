@@ -1,0 +1,55 @@
+"""metabp.families and its command line: resumable sinusoid and navigation runs, one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from metabp import families
+from cli_helpers import run_cli
+
+TINY = {
+    "sinusoid": dict(iterations=5, meta_batch_size=3, hidden=8, compile=False),
+    "navigation": dict(iterations=3, meta_batch_size=2, num_trajectories=2, hidden=8, horizon=10),
+}
+
+
+@pytest.mark.parametrize("family", ["sinusoid", "navigation"])
+def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, family):
+    config = families.CONFIGS[family](**TINY[family])
+    full, log, _ = families.train(family, config, tmp_path / "full.pt", checkpoint_every=2, progress=False)
+    families.train(family, config, tmp_path / "part.pt", checkpoint_every=2, progress=False, stop_after=2)
+    assert torch.load(tmp_path / "part.pt", weights_only=True)["iteration"] == 2
+    resumed, log2, _ = families.train(family, config, tmp_path / "part.pt", resume=True, progress=False)
+    for k, v in full.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    assert log == log2
+    model, stored, _ = families.load_model(tmp_path / "full.pt", family)
+    assert stored == config and all(torch.equal(v, model.state_dict()[k]) for k, v in full.state_dict().items())
+
+
+def test_the_defaults_are_the_chapters_runs():
+    sine = families.SinusoidConfig()
+    assert (sine.inner_lr, sine.meta_batch_size, sine.meta_lr, sine.iterations, sine.cosine) == (0.01, 25, 0.01,
+                                                                                                 40000, True)
+    nav = families.NavigationConfig()
+    assert (nav.metarl.outer_epochs, nav.metarl.cosine, nav.metarl.std_lr, nav.iterations) == (1, True, 1e-2, 300)
+
+
+def test_command_line_trains_evaluates_and_refuses_bad_input(tmp_path, capsys):
+    out = tmp_path / "nav.pt"
+    args = ["train", "navigation", "--out", out, "--iterations", "2", "--meta-batch-size", "2",
+            "--num-trajectories", "2", "--hidden", "8", "--horizon", "10", "--no-progress"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0 and "trained navigation for 2 iterations" in stdout, err
+    code, stdout, _ = run_cli(["evaluate", "navigation", "--checkpoint", out, "--trajectories", "2",
+                               "--inner-lrs", "0.1"], capsys)
+    assert code == 0 and "1 steps: mean return" in stdout
+    code, _, err = run_cli(args, capsys)  # exists
+    assert code == 2 and "pass --resume" in err and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli([*args[:4], "--resume", "--hidden", "9"], capsys)
+    assert code == 2 and "drop --hidden" in err
+    code, _, err = run_cli(["train", "sinusoid", "--out", tmp_path / "s.pt", "--meta-lr", "-1"], capsys)
+    assert code == 2 and "meta_lr must be a finite number > 0, got -1.0" in err
+    code, _, err = run_cli(["evaluate", "sinusoid", "--checkpoint", out], capsys)
+    assert code == 2 and "does not hold a sinusoid model" in err
