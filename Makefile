@@ -2,6 +2,7 @@
 #
 #   make book   (default) install .venv if needed, render the book to _build/html
 #   make test   unit tests, nbval over every notebook, then a strict book build
+#               and the site test in a real browser (tests_browser)
 #   make venv   create/refresh .venv from requirements.txt and pyproject.toml
 #   make notebooks  re-execute the chapters in place (NB=path for one)
 #   make clean  remove _build
@@ -15,6 +16,12 @@ STAMP  := $(VENV)/.installed
 # and report every warning before failing (--keep-going).
 JB_FLAGS      := -W -n --keep-going
 NBVAL_WORKERS ?= 2
+
+# Launch buttons (book/_ext/book_links.py): the repository's address, from git
+# unless given (BOOK_REPOSITORY_URL= for none); a GitHub address gives each chapter
+# Binder, repository and issues buttons. Exported to the builds and the site test.
+export BOOK_REPOSITORY_URL ?= $(shell git remote get-url origin 2>/dev/null)
+export BOOK_REPOSITORY_BRANCH ?= main
 
 .DEFAULT_GOAL := book
 .PHONY: venv book test notebooks clean
@@ -57,6 +64,7 @@ test: venv
 	    -n $(NBVAL_WORKERS) --dist loadscope
 	rm -rf _build
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
+	$(BIN)/python -m pytest tests_browser
 
 # Re-execute chapters in place, as `make test` will check them: NB=notebooks/03_algorithm.ipynb
 # for one, all of them by default.
