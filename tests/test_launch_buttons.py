@@ -23,8 +23,8 @@ from book_links import github_repository, launch_theme_options  # noqa: E402
 
 # A remote address for the temporary clone only: the build never contacts it.
 TEST_REMOTE = "git@github.com:metabp-test-owner/metabp-test-repo.git"
-# The classes sphinx-book-theme gives the launch, repository and issues buttons.
-BUTTON_CLASSES = ("btn-launch-buttons", "btn-source-repository-button", "btn-source-issues-button")
+# The classes sphinx-book-theme gives the launch menu, repository and issues buttons.
+BUTTON_CLASSES = ("dropdown-launch-buttons", "btn-source-repository-button", "btn-source-issues-button")
 CHAPTERS = sorted(p.stem for p in (ROOT / "notebooks").glob("*.ipynb"))
 
 
