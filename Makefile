@@ -2,6 +2,7 @@
 #
 #   make book   (default) install .venv if needed, render the book to _build/html
 #   make test   unit tests, nbval over every notebook, then a strict book build
+#               and the site test in a real browser (tests_browser)
 #   make test-kernels  the unit tests and the cheapest chapters again on another kernel path
 #   make venv   create/refresh .venv from requirements.txt and pyproject.toml
 #   make notebooks  re-execute the chapters in place (NB=path for one)
@@ -16,6 +17,12 @@ STAMP  := $(VENV)/.installed
 # and report every warning before failing (--keep-going).
 JB_FLAGS      := -W -n --keep-going
 NBVAL_WORKERS ?= 2
+
+# Launch buttons (book/_ext/book_links.py): the repository's address, from git
+# unless given (BOOK_REPOSITORY_URL= for none); a GitHub address gives each chapter
+# Binder, repository and issues buttons. Exported to the builds and the site test.
+export BOOK_REPOSITORY_URL ?= $(shell git remote get-url origin 2>/dev/null)
+export BOOK_REPOSITORY_BRANCH ?= main
 
 .DEFAULT_GOAL := book
 .PHONY: venv book test test-kernels notebooks clean
@@ -58,6 +65,7 @@ test: venv
 	    -n $(NBVAL_WORKERS) --dist loadscope
 	rm -rf _build
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
+	$(BIN)/python -m pytest tests_browser
 
 # The same proof on a second kernel path: ATEN_CPU_CAPABILITY=default makes PyTorch
 # use its portable, non-SIMD CPU kernels instead of the AVX2/AVX-512 ones it picks

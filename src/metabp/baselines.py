@@ -84,7 +84,7 @@ def multitask_train(
 ) -> tuple[MultiTaskHeads, History]:
     """Train a shared body and per-task heads on the tasks of ``pool``.
 
-    Each iteration draws ``batch_size`` tasks of the pool (as :meth:`TaskPool.sample`
+    Each iteration draws ``batch_size`` tasks of the pool (as :meth:`~metabp.tasks.TaskPool.sample`
     does, same generator stream) and fits all their examples, each task through its
     own head. Adam on body and heads.
 

@@ -251,6 +251,7 @@ class Impl:
     build: Callable[[Problem], Step]
 
 
+#: The implementations :func:`run` can time.
 IMPLS = (
     Impl("metabp loop", "metabp", _metabp_loop),
     Impl("metabp per-task loop", "metabp", _metabp_per_task),
@@ -417,7 +418,7 @@ def run(
 
     Args:
         config: the problem.
-        impls: names from :data:`IMPLS` to run (default all; the reference
+        impls: names from :data:`~metabp.bench.IMPLS` to run (default all; the reference
             'metabp loop' is always run, for the gradient check).
         repeats: timed rounds; warmup: untimed calls before them.
         device: 'cpu' or 'cuda'.

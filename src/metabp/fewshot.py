@@ -34,6 +34,7 @@ from .evaluation import adaptation_curve
 from .tasks import TaskBatch
 from .training import History, fit, seed_everything
 
+#: The algorithms :class:`FewShotConfig` accepts.
 ALGORITHMS = ("maml", "fomaml", "anil", "protonet")
 
 
@@ -47,7 +48,7 @@ class FewShotConfig:
     episodes per meta-update and a cosine-decayed Adam step.
 
     Args:
-        algorithm: one of :data:`ALGORITHMS`.
+        algorithm: one of :data:`~metabp.fewshot.ALGORITHMS`.
         background: Omniglot background split, 'small1', 'small2' or 'full'
             (see :func:`metabp.omniglot.load_split`).
         ways, shots: N and K of the training episodes.
@@ -164,7 +165,7 @@ def accuracy(
     Args:
         model: a trained network.
         batch: test episodes of any number of ways: if it differs from the
-            model's, a gradient learner's head is rebuilt with :meth:`Conv4.with_ways`.
+            model's, a gradient learner's head is rebuilt with :meth:`~metabp.convnet.Conv4.with_ways`.
         config: the run's configuration (algorithm and inner loop).
         steps: inner steps to report (default ``[default_test_steps(config)]``); ignored
             by 'protonet', which returns one row.

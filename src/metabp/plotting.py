@@ -17,7 +17,7 @@ from matplotlib.patches import FancyBboxPatch
 
 from .checks import positive_int
 
-#: Colours of the diagram: outer level, inner level, data, meta-gradient.
+#: Colours of the diagram (outer level, inner level, data, meta-gradient, edges).
 COLORS = {"outer": "#dbe9f6", "inner": "#fde9cf", "data": "#e4f2e1", "grad": "#c0392b", "edge": "#34495e"}
 
 

@@ -34,7 +34,7 @@ from .episodes import ImageClasses, _to_float
 from .tasks import TaskBatch
 from .training import History, fit, seed_everything
 
-#: Drawings kept per digit class: scikit-learn's data set has 174 to 183 per class,
+#: Drawings kept per digit class. scikit-learn's data set has 174 to 183 per class,
 #: and :class:`~metabp.episodes.ImageClasses` needs the same number for every class.
 DIGITS_DRAWINGS = 174
 
