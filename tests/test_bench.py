@@ -63,7 +63,7 @@ def test_check_runs_in_float64_and_flags_a_small_error(monkeypatch):
     def slightly_wrong(problem):
         built_in.append(problem.batch.x_spt.dtype)
         model = bench._fresh(problem)
-        return lambda: {k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner).items()}
+        return lambda: {k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner, vectorize=False).items()}
 
     monkeypatch.setattr(bench, "IMPLS", bench.IMPLS + (bench.Impl("slightly wrong", "metabp", slightly_wrong),))
     report = run(BenchConfig("sinusoid", meta_batch_size=2, width=4), impls=("slightly wrong", "learn2learn"),

@@ -72,7 +72,7 @@ def test_learn2learn_gives_the_same_meta_gradient_on_omniglot(algorithm, batch):
     torch.manual_seed(0)
     model = build_model(config).double()
     b = type(batch)(batch.x_spt.double(), batch.y_spt, batch.x_qry.double(), batch.y_qry)
-    scratch = meta_gradient(model, b, config.inner)
+    scratch = meta_gradient(model, b, config.inner, vectorize=False)
     maml = l2l_face.wrap(model, config.inner_lr, first_order=config.inner.first_order)
     model.zero_grad()
     l2l_face.meta_loss(maml, b, inner_steps=config.inner_steps, loss="cross_entropy").backward()
@@ -97,7 +97,7 @@ def test_second_order_vmap_through_builtin_batch_norm_is_refused(batch):
         meta_gradient(model, batch, InnerLoop("cross_entropy", 0.4, 1), vectorize=True)
     # first-order and zero-step meta-gradients are exact under vmap, so they are allowed
     for inner in (InnerLoop("cross_entropy", 0.4, 1, first_order=True), InnerLoop("cross_entropy", 0.4, 0)):
-        loop = meta_gradient(model, batch, inner)
+        loop = meta_gradient(model, batch, inner, vectorize=False)
         assert _max_rel_diff(meta_gradient(model, batch, inner, vectorize=True), loop) < 1e-10
 
 
@@ -123,7 +123,7 @@ def test_vmap_safe_second_order_vmap_equals_the_loop_through_builtin_batch_norm(
     model = Conv4(ways=5, hidden=8).double()
     b = _double(batch)
     inner = InnerLoop("cross_entropy", 0.4, 2)
-    loop = meta_gradient(model, b, inner)
+    loop = meta_gradient(model, b, inner, vectorize=False)
     vec = meta_gradient(vmap_safe(model), b, inner, vectorize=True)
     assert _max_rel_diff(vec, loop) < 1e-10
 

@@ -15,7 +15,7 @@ def test_learn2learn_meta_gradient_equals_scratch(steps):
     torch.manual_seed(0)
     model = MetaLearner(1, 32, 1)
     batch = SinusoidTasks().sample(5, torch.Generator().manual_seed(2))
-    scratch = meta_gradient(model, batch, InnerLoop("mse", 0.01, steps))
+    scratch = meta_gradient(model, batch, InnerLoop("mse", 0.01, steps), vectorize=False)
     maml = l2l_face.wrap(model, inner_lr=0.01)
     model.zero_grad()
     l2l_face.meta_loss(maml, batch, inner_steps=steps).backward()
@@ -58,7 +58,7 @@ def test_article_listing_leaves_the_meta_learner_exactly_unchanged():
 
 def test_corrected_listing_moves_the_meta_learner_with_the_maml_gradient():
     meta_learner, _, batch = blob_setup()
-    want = meta_gradient(meta_learner, batch, InnerLoop("cross_entropy", 0.1, 2))
+    want = meta_gradient(meta_learner, batch, InnerLoop("cross_entropy", 0.1, 2), vectorize=False)
     before = {k: v.clone() for k, v in meta_learner.state_dict().items()}
     opt = torch.optim.SGD(meta_learner.parameters(), lr=0.1)
     corrected_meta_step(meta_learner, opt, batch, inner_lr=0.1, inner_steps=2)

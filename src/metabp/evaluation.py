@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .bilevel import InnerLoop, Params, forward, get_params, inner_step
+from .bilevel import (VECTORIZE, InnerLoop, Params, TaskBatch, _input_error, check_meta_batch, forward, get_params,
+                      has_learned_lrs, inner_step)
 from .checks import step_counts
-from .tasks import TaskBatch, check_task_batch
 
 METRICS = ("loss", "accuracy")
 
@@ -26,6 +26,10 @@ def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     if v.numel() < 2:
         raise ValueError(f"values must hold at least 2 numbers for an interval, got {v.numel()}")
+    if not torch.isfinite(v).all():
+        bad = v[~torch.isfinite(v)][:3].tolist()
+        raise ValueError(f"values must all be finite numbers, got {int((~torch.isfinite(v)).sum())} that are "
+                         f"not (for example {bad})")
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2, dtype=torch.float64))
     return v.mean().item(), (z * v.std(unbiased=True) / math.sqrt(v.numel())).item()
 
@@ -46,8 +50,13 @@ def adaptation_curve(
     params: Params | None = None,
     lrs: Mapping[str, Tensor] | None = None,
     chunk_size: int | None = None,
+    vectorize: bool = VECTORIZE,
 ) -> Tensor:
     """Query metric of every task after each number of inner steps in ``steps``.
+
+    MAML-style test-time adaptation: :func:`~metabp.bilevel.inner_step` on each
+    task's support set (first order: nothing is differentiated afterwards), scored
+    on its query set.
 
     Args:
         model: the network (evaluated at ``params``, default its own parameters).
@@ -55,18 +64,28 @@ def adaptation_curve(
         inner: inner-loop settings (its ``inner_steps`` is ignored: ``steps`` rules).
         steps: non-decreasing step counts to report, e.g. ``[0, 1, 5, 10]``.
         metric: 'loss' (the inner loss on the query set) or 'accuracy'.
+        lrs: Meta-SGD's learned step sizes; required for a model that
+            :func:`~metabp.bilevel.init_lrs` made step sizes for (evaluating it with
+            the scalar ``inner.inner_lr`` would be a silent mistake).
         chunk_size: tasks per ``vmap`` chunk, to bound memory.
+        vectorize: one ``vmap`` over tasks (True) or a Python loop over them (False),
+            which runs any model (dropout, for instance) and on a CPU is faster for
+            convolutional networks.
 
     Returns:
         Tensor of shape ``(len(steps), B)``.
     """
-    check_task_batch(batch)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     steps = step_counts("steps", steps)
+    if lrs is None and has_learned_lrs(model):
+        raise ValueError("lrs: this model was meta-trained with learned step sizes (init_lrs, Meta-SGD); "
+                         "pass them as lrs=..., or evaluate copy.deepcopy(model) to use inner.inner_lr")
     params = {k: v.detach() for k, v in (get_params(model) if params is None else params).items()}
     lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
-    eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt)
+    eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt_only)
+    # the second-order vmap guard does not apply: nothing is differentiated afterwards
+    check_meta_batch(model, params, batch, eval_inner, vectorize, lrs)
 
     def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
         p, done, out = params, 0, []
@@ -77,8 +96,16 @@ def adaptation_curve(
             out.append(_score(model, p, x_qry, y_qry, inner, metric))
         return torch.stack(out)
 
-    with torch.no_grad():
-        return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
+    try:
+        with torch.no_grad():
+            if vectorize:
+                return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
+            return torch.stack([one_task(*task) for task in zip(*batch)], 1)
+    except RuntimeError as error:
+        better = _input_error(error, batch)
+        if better is None:
+            raise
+        raise better from error
 
 
 def evaluate(

@@ -64,8 +64,8 @@ def import_torchopt() -> ModuleType:
 
 def _check(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -> None:
     check_task_batch(batch)
-    if inner.adapt is not None:
-        raise ValueError(f"the library faces adapt every parameter; got adapt={inner.adapt!r} (use metabp.bilevel)")
+    if inner.adapt_only is not None:
+        raise ValueError(f"the library faces adapt every parameter; got adapt_only={inner.adapt_only!r} (use metabp.bilevel)")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 

@@ -162,7 +162,7 @@ def accuracy(
     if ways != model.ways:
         model = model.with_ways(ways)
     inner = config.inner if inner_lr is None else InnerLoop(
-        "cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt
+        "cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt_only
     )
     steps = [default_test_steps(config)] if steps is None else list(steps)
     return adaptation_curve(model, batch, inner, steps, metric="accuracy", chunk_size=chunk_size)

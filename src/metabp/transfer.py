@@ -30,6 +30,7 @@ from tqdm import tqdm
 from pathlib import Path
 
 from . import checkpoint
+from .bilevel import InnerLoop
 from .checks import positive_float, positive_int, step_counts
 from .convnet import Conv4
 from .episodes import ImageClasses, _to_float
@@ -198,12 +199,15 @@ def fine_tune_accuracy(
     freshly initialised Conv4 (``hidden`` filters, the same initialisation for every
     task) from scratch. With ``head="keep"`` the model's own head is kept (narrowed
     or widened by :meth:`~metabp.convnet.Conv4.with_ways`), which makes this MAML's
-    test-time adaptation of a meta-learned initialisation, computed task by task:
-    the same numbers as :func:`metabp.fewshot.accuracy`, faster on a CPU. Both take plain full-batch gradient steps of size ``lr`` on
-    the support loss; ``steps`` are the step counts reported. Tasks run one after
-    another with ordinary autograd, which on a CPU is faster than ``vmap``'s grouped
-    convolutions.
+    test-time adaptation of a meta-learned initialisation: the same numbers as
+    :func:`metabp.fewshot.accuracy`. Either way this is the core's evaluation,
+    :func:`metabp.evaluation.adaptation_curve` with plain full-batch gradient steps
+    of size ``lr`` on the support loss (``steps`` are the step counts reported), on
+    its loop path: tasks one after another, which on a CPU is faster than ``vmap``'s
+    grouped convolutions.
     """
+    from .evaluation import adaptation_curve
+
     positive_float("lr", lr)
     steps = step_counts("steps", steps)
     ways = int(batch.y_spt.max()) + 1
@@ -215,21 +219,8 @@ def fine_tune_accuracy(
         start = with_new_head(model, ways, hidden, seed)
     else:
         raise ValueError(f"head must be 'zero' or 'keep', got {head!r}")
-    out = torch.empty(len(steps), batch.num_tasks)
-    for i, (x_spt, y_spt, x_qry, y_qry) in enumerate(zip(*batch)):
-        net = copy.deepcopy(start)
-        params = list(net.parameters())
-        done = 0
-        for j, k in enumerate(steps):
-            for _ in range(k - done):
-                grads = torch.autograd.grad(F.cross_entropy(net(x_spt), y_spt), params)
-                with torch.no_grad():
-                    for p, g in zip(params, grads):
-                        p.sub_(lr * g)
-            done = k
-            with torch.no_grad():
-                out[j, i] = (net(x_qry).argmax(-1) == y_qry).float().mean()
-    return out
+    inner = InnerLoop("cross_entropy", lr, first_order=True)
+    return adaptation_curve(start, batch, inner, steps, "accuracy", vectorize=False)
 
 
 @torch.no_grad()
