@@ -226,6 +226,8 @@ def train(
         iteration so far, wall time of all sessions together).
     """
     positive_int("checkpoint_every", checkpoint_every)
+    if stop_after is not None:
+        positive_int("stop_after", stop_after)
     device = torch.device(device)
     state = None
     if resume:
