@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from metabp.bench import BenchConfig, format_report, make_problem, peak_memory, run, summary_line
+from metabp.bench import BenchConfig, format_report, make_problem, run, summary_line
+from metabp.costs import peak_memory, prepare_memory_measurement
 from cli_helpers import run_cli
 
 SUMMARY = re.compile(r"^(sinusoid|omniglot) ratio_vs_learn2learn: (\d+\.\d+) ratio_vs_floor: (\d+\.\d+)$")
@@ -117,7 +118,6 @@ def test_summary_needs_learn2learn_and_a_floor():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_peak_memory_sees_a_large_temporary():
-    from metabp.bench import prepare_memory_measurement
 
     prepare_memory_measurement()
 

@@ -15,6 +15,7 @@ a test checks that its value and gradient equal :func:`metabp.bilevel.meta_loss`
 from __future__ import annotations
 
 import ctypes
+import gc
 import statistics
 import sys
 import time
@@ -51,6 +52,65 @@ def keep_freed_memory() -> bool:
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's malloc.h
     # The mmap threshold first: setting the trim threshold freezes the adaptive mmap threshold where it is.
     return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # pragma: no cover - not glibc
+        return None
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field_name} in /proc/self/status")
+
+
+def peak_memory(step: Callable[[], Any], device: torch.device) -> int | None:
+    """Peak memory in bytes that one call of ``step`` adds to what was in use before it.
+
+    CPU: growth of the peak resident set size (Linux; None elsewhere). Call
+    :func:`prepare_memory_measurement` first, so that freed blocks leave the process.
+    CUDA: peak of the caching allocator's allocated bytes above the level before.
+    """
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    libc = _libc()
+    try:
+        if libc is not None:
+            libc.malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current VmRSS
+        before = _status_kib("VmRSS")
+        step()
+        return (_status_kib("VmHWM") - before) * 1024
+    except OSError:
+        return None
+
+
+def prepare_memory_measurement(threshold: int = 64 * 1024) -> None:
+    """Make glibc return freed blocks of ``threshold`` bytes or more to the system at once (``mallopt``).
+
+    Without it, memory that one call frees stays in the process and hides the
+    next call's peak. It makes allocation slower, so it is set after the timings,
+    and it lasts for the rest of the process. Smaller tensors are still served from
+    the heap and may reuse freed memory unseen: lower ``threshold`` for small models.
+    """
+    positive_int("threshold", threshold)
+    libc = _libc()
+    if libc is not None:
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, threshold)
+        libc.mallopt(m_trim_threshold, 2 * threshold)
 
 
 def time_call(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> float:
