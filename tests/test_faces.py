@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from metabp.bilevel import InnerLoop, meta_gradient
-from metabp.faces import FACES, max_abs_difference
+from metabp.bilevel import max_abs_difference
+from metabp.faces import FACES
 from metabp.models import MetaLearner, SineNet
 from metabp.tasks import BlobTasks, SinusoidTasks
 

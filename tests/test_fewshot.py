@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metabp import l2l as l2l_face
+from metabp import faces
 from metabp import protonet
 from metabp.bilevel import InnerLoop, adapt, get_params, make_optimizer, max_abs_difference, meta_gradient
 from metabp.convnet import Conv4, TaskBatchNorm2d, vmap_safe
@@ -73,9 +73,9 @@ def test_learn2learn_gives_the_same_meta_gradient_on_omniglot(algorithm, batch):
     model = build_model(config).double()
     b = type(batch)(batch.x_spt.double(), batch.y_spt, batch.x_qry.double(), batch.y_qry)
     scratch = meta_gradient(model, b, config.inner, vectorize=False)
-    maml = l2l_face.wrap(model, config.inner_lr, first_order=config.inner.first_order)
+    maml = faces.l2l_wrap(model, config.inner)
     model.zero_grad()
-    l2l_face.meta_loss(maml, b, inner_steps=config.inner_steps, loss="cross_entropy").backward()
+    faces.l2l_meta_loss(maml, b, config.inner).backward()
     for name, p in model.named_parameters():
         assert torch.allclose(p.grad, scratch[name], atol=1e-9, rtol=1e-6), name
 

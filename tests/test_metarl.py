@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
-from metabp import l2l as l2l_face
+from metabp import faces
+from metabp.bilevel import InnerLoop
 from metabp.metarl import (MetaRL, adapt, adaptation_returns, adapted_without_graph, choose_step_sizes, meta_train,
                            outer_loss, support_steps, surrogate)
 from metabp.navigation import (GaussianMLPPolicy, Navigation2D, Steps, distribution, linear_baseline, pack, returns_to_go,
@@ -296,16 +297,16 @@ def test_meta_gradient_flows_through_the_inner_step_and_matches_finite_differenc
 def test_learn2learn_clone_and_adapt_gives_the_same_adapted_policy():
     policy, params, spt, _ = small_problem(dtype=torch.float32)
     adapted = adapt(policy, params, *spt, 0.1)
-    maml = l2l_face.wrap(policy, inner_lr=0.1)
+    maml = faces.l2l_wrap(policy, InnerLoop(inner_lr=0.1))
     steps, old = spt
     task_steps = lambda b: Steps(*(x[b] for x in steps))
     for b in range(steps.obs.shape[0]):
-        learner = l2l_face.adapt_policy(maml, task_steps(b), old[b])
+        learner = faces.l2l_adapt_policy(maml, task_steps(b), old[b])
         for name, p in learner.module.named_parameters():
             assert torch.allclose(p, adapted[name][b], atol=1e-6), name
     # and so do the gradients that reach the meta-parameters through the adaptation
     (scratch,) = torch.autograd.grad(adapted["log_std"][0].sum(), [params["net.0.weight"]])
-    learner = l2l_face.adapt_policy(maml, task_steps(0), old[0])
+    learner = faces.l2l_adapt_policy(maml, task_steps(0), old[0])
     (theirs,) = torch.autograd.grad(learner.module.log_std.sum(), [params["net.0.weight"]])
     assert scratch.abs().sum() > 0 and torch.allclose(scratch, theirs, atol=1e-6)
 

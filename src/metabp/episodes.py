@@ -204,7 +204,7 @@ class L2LEpisodeSampler:
     """
 
     def __init__(self, classes: ImageClasses, ways: int = 5, shots: int = 1, queries: int = 15) -> None:
-        from .l2l import import_learn2learn
+        from .faces import import_learn2learn
 
         _check_episode(classes, ways, shots, queries)
         l2l = import_learn2learn()
