@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from metabp import transfer
 from metabp.convnet import Conv4
-from metabp.digits import load_digits
+from metabp.digits import DIGITS_DRAWINGS, load_digits
 from metabp.episodes import EpisodeSampler, ImageClasses, rotate
 from metabp.tasks import TaskBatch
 
@@ -19,7 +19,7 @@ def digits():
 
 
 def test_digits_are_ten_classes_in_omniglot_format(digits):
-    assert digits.images.shape == (10, transfer.DIGITS_DRAWINGS, 28, 28)
+    assert digits.images.shape == (10, DIGITS_DRAWINGS, 28, 28)
     assert digits.images.dtype == torch.uint8
     assert digits.names == tuple(f"digits/{d}" for d in range(10))
     # ink high and centred in a 20-pixel box: the 4-pixel border is empty, the box is not
