@@ -260,3 +260,17 @@ def test_the_core_imports_alone_from_two_copied_files(tmp_path):
     imports = [line for line in (SRC / "bilevel.py").read_text().splitlines() if line.startswith(("import", "from"))]
     assert all(("torch" in line or "checks" in line or line.split()[1] in ("__future__", "weakref", "dataclasses",
                                                                            "typing")) for line in imports), imports
+
+
+def test_best_setting_chooses_on_validation_and_skips_diverged_settings():
+    from metabp.evaluation import best_setting
+
+    grid = {0.1: torch.tensor([0.5, 0.7]), 0.3: torch.tensor([0.6, 0.9]), 1.0: torch.tensor([0.9, 0.2])}
+    assert best_setting(grid, [5, 10]) == (0.3, 10)
+    losses = {"a": torch.tensor([1.0, 0.5]), "b": torch.tensor([0.8, float("inf")]), "c": torch.tensor([0.9, 0.4])}
+    assert best_setting(losses, [1, 10], maximize=False, at=1) == ("c", 1)  # b diverged after 10 steps
+    assert best_setting(losses, [1, 10], maximize=False) == ("c", 10)
+    with pytest.raises(ValueError, match="at"):
+        best_setting(losses, [1, 10], at=5)
+    with pytest.raises(ValueError, match="diverged"):
+        best_setting({"b": losses["b"]}, [1, 10])

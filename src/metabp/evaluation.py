@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +14,7 @@ from .bilevel import (VECTORIZE, InnerLoop, Params, TaskBatch, _input_error, che
 from .checks import step_counts
 
 METRICS = ("loss", "accuracy")
+Setting = TypeVar("Setting", bound=Hashable)
 
 
 def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -119,3 +120,41 @@ def evaluate(
     """``{steps: (mean, 95% half-width)}`` of the query metric over the tasks in ``batch``."""
     curve = adaptation_curve(model, batch, inner, steps, metric, **kwargs)
     return {s: mean_ci(curve[i]) for i, s in enumerate(steps)}
+
+
+def best_setting(
+    scores: Mapping[Setting, Tensor], steps: Sequence[int], maximize: bool = True, at: int | None = None
+) -> tuple[Setting, int]:
+    """Choose a setting (a step size, say) and a number of steps on validation tasks.
+
+    Args:
+        scores: ``setting -> (len(steps),)`` mean validation metric after each step
+            count in ``steps`` (a row of :func:`adaptation_curve`'s means).
+        steps: the step counts of the rows.
+        maximize: True for accuracy, False for a loss.
+        at: compare the rows after this many steps only (one of ``steps``); ``None``
+            compares every entry and also chooses the step count.
+
+    Returns:
+        ``(setting, step count)`` with the best score; the first in ``scores``' order
+        on a tie. Settings whose row holds a non-finite value (they diverged) are skipped.
+    """
+    steps = step_counts("steps", steps)
+    if at is not None and at not in steps:
+        raise ValueError(f"at must be one of steps {steps}, got {at!r}")
+    best = None
+    for setting, row in scores.items():
+        row = torch.as_tensor(row)
+        if row.shape != (len(steps),):
+            raise ValueError(f"scores[{setting!r}] must have one value per step count ({len(steps)}), "
+                             f"got shape {tuple(row.shape)}")
+        if not torch.isfinite(row).all():
+            continue
+        signed = row if maximize else -row
+        index = steps.index(at) if at is not None else int(signed.argmax())
+        value = signed[index].item()
+        if best is None or value > best[0]:
+            best = (value, setting, steps[index])
+    if best is None:
+        raise ValueError("scores: every setting diverged (a non-finite score); try smaller step sizes")
+    return best[1], best[2]
