@@ -5,6 +5,8 @@ Commands:
 * ``train omniglot --out CHECKPOINT``: meta-train a few-shot learner on Omniglot
   (the chapter's configuration by default, the MAML paper's with ``--preset``),
   with a progress bar, atomic checkpoints and ``--resume``.
+* ``pretrain omniglot --out CHECKPOINT``: chapter 6.2's transfer-learning baseline,
+  one ordinary classifier over every background class (no tasks, no inner loop).
 * ``evaluate omniglot --checkpoint CHECKPOINT``: accuracy and 95% interval on
   the held-out alphabets.
 * ``evaluate-runs --checkpoint CHECKPOINT [--runs FOLDER]``: error on Lake et

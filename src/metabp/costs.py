@@ -40,7 +40,7 @@ def keep_freed_memory() -> bool:
     threshold to 1 GiB and fixing the ``mmap`` threshold at its largest value, 32 MiB,
     keeps those pages mapped: the process holds on to its peak memory (it does not
     return it while it runs), and on the book's 2-core test machine a meta-iteration of
-    chapter 6.3 ran about 10% faster (same results). Process-wide, glibc only (Linux);
+    chapter 6.3 ran faster with it (same results). Process-wide, glibc only (Linux);
     elsewhere it does nothing. Returns whether both settings were accepted.
     """
     if not sys.platform.startswith("linux"):
@@ -218,6 +218,8 @@ def meta_loss_autograd(model: nn.Module, params: Params, batch: TaskBatch, inner
     and so runs under :class:`SavedTensorMeter`. Second order: the inner gradients
     are taken with ``create_graph=True``; first order (``inner.first_order``): without,
     so they enter the outer graph as constants. Tasks are processed in a Python loop.
+    It does not use the core's :func:`~metabp.bilevel.inner_step` because
+    ``torch.func`` transforms refuse to run under saved-tensor hooks.
     """
     check_task_batch(batch)
     loss_fn = inner.loss_fn
