@@ -432,14 +432,13 @@ def check_vmap(model: nn.Module, inner: InnerLoop) -> None:
                 f"in this torch; use vectorize=False (the loop over tasks) or call model.eval()")
         if (not inner.first_order and inner.inner_steps > 0
                 and isinstance(module, VMAP_WRONG_SECOND_ORDER)):
-            hint = (", or metabp.convnet.vmap_safe(model)" if isinstance(module, nn.BatchNorm2d)
-                    and module.affine else "")
+            remedy = ("vectorize=False, first_order=True, or metabp.convnet.vmap_safe(model)"
+                      if isinstance(module, nn.BatchNorm2d) and module.affine else "vectorize=False or first_order=True")
             kind = ("layer norm" if isinstance(module, nn.LayerNorm) else "batch norm"
                     if isinstance(module, nn.modules.batchnorm._BatchNorm) else "instance norm")
             raise ValueError(
-                f"vectorize=True with a second-order inner loop is not exact through the {kind} {name!r} "
-                f"(torch's vmap rule for its backward is wrong, pytorch/functorch#534); use "
-                f"vectorize=False or first_order=True{hint}")
+                f"vectorize=True with a second-order inner loop is not exact through the built-in {kind} {name!r} "
+                f"(torch's vmap rule for its backward is wrong, pytorch/functorch#534); use {remedy}")
 
 
 def check_running_stats(model: nn.Module) -> None:
