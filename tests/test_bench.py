@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from metabp.bench import BenchConfig, format_report, make_problem, peak_memory, run, summary_line
+from metabp.bench import BenchConfig, format_report, make_problem, run, summary_line
+from metabp.costs import peak_memory, prepare_memory_measurement
 from cli_helpers import run_cli
 
 SUMMARY = re.compile(r"^(sinusoid|omniglot) ratio_vs_learn2learn: (\d+\.\d+) ratio_vs_floor: (\d+\.\d+)$")
@@ -63,7 +64,7 @@ def test_check_runs_in_float64_and_flags_a_small_error(monkeypatch):
     def slightly_wrong(problem):
         built_in.append(problem.batch.x_spt.dtype)
         model = bench._fresh(problem)
-        return lambda: {k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner).items()}
+        return lambda: {k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner, vectorize=False).items()}
 
     monkeypatch.setattr(bench, "IMPLS", bench.IMPLS + (bench.Impl("slightly wrong", "metabp", slightly_wrong),))
     report = run(BenchConfig("sinusoid", meta_batch_size=2, width=4), impls=("slightly wrong", "learn2learn"),
@@ -117,7 +118,6 @@ def test_summary_needs_learn2learn_and_a_floor():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self")
 def test_peak_memory_sees_a_large_temporary():
-    from metabp.bench import prepare_memory_measurement
 
     prepare_memory_measurement()
 

@@ -3,6 +3,7 @@
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 from metabp.bilevel import InnerLoop
@@ -20,19 +21,16 @@ def test_sinusoid_ranges_shapes_and_seeding():
     assert b.x_spt.min() >= -5 and b.x_spt.max() <= 5
     amp, phase = tasks.sample_functions(2000, torch.Generator().manual_seed(1))
     assert 0.1 <= amp.min() and amp.max() <= 5.0 and 0 <= phase.min() and phase.max() <= math.pi
-    assert amp.mean().item() == pytest_approx(2.55, 0.1)
-    # labels really are A sin(x - phase) with |y| <= A
-    assert (b.y_spt.abs() <= 5.0).all()
+    assert amp.mean().item() == pytest.approx(2.55, abs=0.1)
+    # labels really are A sin(x - phase): sample draws the task's amplitude and phase first
+    amp, phase = tasks.sample_functions(200, torch.Generator().manual_seed(0))
+    assert torch.equal(b.y_spt, amp * torch.sin(b.x_spt - phase))
+    assert torch.equal(b.y_qry, amp * torch.sin(b.x_qry - phase))
     again = tasks.sample(200, torch.Generator().manual_seed(0))
     assert all(torch.equal(u, v) for u, v in zip(b, again))
     other = tasks.sample(200, torch.Generator().manual_seed(1))
     assert not torch.equal(b.x_spt, other.x_spt)
 
-
-def pytest_approx(value, tol):
-    import pytest
-
-    return pytest.approx(value, abs=tol)
 
 
 def test_blob_tasks_labels_and_shapes():

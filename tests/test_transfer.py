@@ -8,17 +8,18 @@ import torch.nn.functional as F
 
 from metabp import transfer
 from metabp.convnet import Conv4
-from metabp.episodes import EpisodeSampler, ImageClasses
+from metabp.digits import DIGITS_DRAWINGS, load_digits
+from metabp.episodes import EpisodeSampler, ImageClasses, rotate
 from metabp.tasks import TaskBatch
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return transfer.load_digits()
+    return load_digits()
 
 
 def test_digits_are_ten_classes_in_omniglot_format(digits):
-    assert digits.images.shape == (10, transfer.DIGITS_DRAWINGS, 28, 28)
+    assert digits.images.shape == (10, DIGITS_DRAWINGS, 28, 28)
     assert digits.images.dtype == torch.uint8
     assert digits.names == tuple(f"digits/{d}" for d in range(10))
     # ink high and centred in a 20-pixel box: the 4-pixel border is empty, the box is not
@@ -33,21 +34,21 @@ def test_digits_are_ten_classes_in_omniglot_format(digits):
 
 def test_digits_arguments_are_checked():
     with pytest.raises(ValueError, match="box must be at most size"):
-        transfer.load_digits(size=16, box=20)
+        load_digits(size=16, box=20)
     with pytest.raises(ValueError, match="drawings must be at most 174"):
-        transfer.load_digits(drawings=175)
+        load_digits(drawings=175)
 
 
 def test_rotate_by_zero_and_by_a_quarter_turn(digits):
     small = ImageClasses(digits.images[:2, :3], digits.names[:2])
-    assert torch.equal(transfer.rotate(small, 0).images, small.images)
-    quarter = transfer.rotate(small, 90)
+    assert torch.equal(rotate(small, 0).images, small.images)
+    quarter = rotate(small, 90)
     assert quarter.names == ("digits/0/turn90", "digits/1/turn90")
     assert (quarter.images.int() - torch.rot90(small.images, 1, (-2, -1)).int()).abs().max() <= 1
-    turned = transfer.rotate(small, 45).images
+    turned = rotate(small, 45).images
     assert turned.shape == small.images.shape and not torch.equal(turned, small.images)
     with pytest.raises(ValueError, match="degrees must be a number from -360 to 360"):
-        transfer.rotate(small, 400)
+        rotate(small, 400)
 
 
 def test_pretrained_classifier_learns_its_classes(digits):

@@ -25,7 +25,7 @@ from metabp.training import meta_train
         (lambda: InnerLoop(inner_lr=0.0), "inner_lr"),
         (lambda: InnerLoop(inner_lr=float("nan")), "inner_lr"),
         (lambda: InnerLoop(loss="hinge"), "loss"),
-        (lambda: InnerLoop(adapt="head"), "adapt"),
+        (lambda: InnerLoop(adapt_only="head"), "adapt_only"),
         (lambda: make_optimizer(SineNet().parameters(), meta_lr=-1.0), "meta_lr"),
         (lambda: make_optimizer(SineNet().parameters(), name="lbfgs"), "optimizer"),
         (lambda: MetaLearner(0, 4, 1), "input_dim"),

@@ -90,7 +90,7 @@ def test_init_lrs_shapes_and_adapt_filter():
     for name, p in model.named_parameters():
         assert lrs[name].shape == p.shape and lrs[name].requires_grad and lrs[name].is_leaf
         assert torch.all(lrs[name] == 0.01)
-    head_only = init_lrs(model, 0.1, InnerLoop("mse", 0.1, 1, adapt=("net.4",)))
+    head_only = init_lrs(model, 0.1, InnerLoop("mse", 0.1, 1, adapt_only=("net.4",)))
     assert set(head_only) == {"net.4.weight", "net.4.bias"}
     with pytest.raises(ValueError, match="value"):
         init_lrs(model, 0.0)
@@ -102,7 +102,7 @@ def test_meta_sgd_gradient_reaches_the_learning_rates():
     model = linear_model(dim, seed=3)
     batch = linear_regression_tasks(num_tasks=2, shots=5, queries=4, dim=dim, generator=torch.Generator().manual_seed(4))
     lrs = init_lrs(model, 0.07)
-    loss = meta_loss(model, get_params(model), batch, InnerLoop("mse", 0.5, 1), lrs=lrs)
+    loss = meta_loss(model, get_params(model), batch, InnerLoop("mse", 0.5, 1), vectorize=False, lrs=lrs)
     loss.backward()
 
     w = model.weight.detach().T

@@ -44,8 +44,6 @@ library: ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
 import os
 import platform
 import statistics
@@ -56,9 +54,10 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .bilevel import InnerLoop, Params, get_params, meta_gradient, meta_gradient_fn
+from .bilevel import InnerLoop, Params, get_params, max_abs_difference, meta_gradient, meta_gradient_fn
 from .checks import nonnegative_int, positive_int
 from .convnet import vmap_safe
+from .costs import peak_memory, prepare_memory_measurement
 from .tasks import SinusoidTasks, TaskBatch
 
 Step = Callable[[], "Params | None"]
@@ -340,67 +339,7 @@ def _has_batch_norm(model: nn.Module) -> bool:
 
 
 def _rel_diff(got: Params, want: Params) -> float:
-    scale = max(w.abs().max().item() for w in want.values())
-    return max((got[k] - want[k]).abs().max().item() for k in want) / scale
-
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:  # pragma: no cover - not glibc
-        return None
-
-
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise OSError(f"no {field_name} in /proc/self/status")
-
-
-def peak_memory(step: Step, device: torch.device) -> int | None:
-    """Peak memory in bytes that one call of ``step`` adds to what was in use before it.
-
-    CPU: growth of the peak resident set size (Linux; None elsewhere). Call
-    :func:`prepare_memory_measurement` first, so that freed blocks leave the process.
-    CUDA: peak of the caching allocator's allocated bytes above the level before.
-    """
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    libc = _libc()
-    try:
-        if libc is not None:
-            libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current VmRSS
-        before = _status_kib("VmRSS")
-        step()
-        return (_status_kib("VmHWM") - before) * 1024
-    except OSError:
-        return None
-
-
-def prepare_memory_measurement(threshold: int = 64 * 1024) -> None:
-    """Make glibc return freed blocks of ``threshold`` bytes or more to the system at once (``mallopt``).
-
-    Without it, memory that one call frees stays in the process and hides the
-    next call's peak. It makes allocation slower, so it is set after the timings,
-    and it lasts for the rest of the process. Smaller tensors are still served from
-    the heap and may reuse freed memory unseen: lower ``threshold`` for small models.
-    """
-    positive_int("threshold", threshold)
-    libc = _libc()
-    if libc is not None:
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        libc.mallopt(m_mmap_threshold, threshold)
-        libc.mallopt(m_trim_threshold, 2 * threshold)
+    return max_abs_difference(got, want, relative=True)
 
 
 def run(

@@ -9,6 +9,8 @@ Commands:
   the same style (:mod:`metabp.cli_families`). Every ``train`` also runs under
   ``torchrun --nproc_per_node N -m metabp train ...``, each meta-batch shared by
   the processes (:mod:`metabp.distributed`).
+* ``pretrain omniglot --out CHECKPOINT``: chapter 6.2's transfer-learning baseline,
+  one ordinary classifier over every background class (no tasks, no inner loop).
 * ``evaluate omniglot --checkpoint CHECKPOINT``: accuracy and 95% interval on
   the held-out alphabets (``evaluate sinusoid|navigation`` for the others).
 * ``evaluate-runs --checkpoint CHECKPOINT [--runs FOLDER]``: error on Lake et

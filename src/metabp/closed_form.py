@@ -12,7 +12,9 @@ adapted weights depend on the initialisation ``w`` then have exact formulas:
 
 The meta-gradient of the query loss is the transposed Jacobian times the query
 gradient at the adapted weights. The tests and chapter 4 check the automatic
-differentiation of :mod:`metabp.bilevel` against these formulas.
+differentiation of :mod:`metabp.bilevel` against these formulas. They do not use
+the core's :func:`~metabp.bilevel.inner_step` on purpose: a reference computed
+by the code it checks would prove nothing.
 
 Weights are column vectors ``(dim, 1)``; a batch is a
 :class:`~metabp.tasks.TaskBatch` of float tensors ``x (B, n, dim)``, ``y (B, n, 1)``.

@@ -10,8 +10,8 @@ does and what ``torch.func.vmap`` needs.
 
 A caution about ``vmap``: this torch's batching rule for the batch-norm backward
 is wrong (pytorch/functorch#534), so a *second-order* meta-gradient of a network
-with ``nn.BatchNorm2d`` computed under ``vmap`` is off by about 1e-3 of its size,
-while the loop over tasks is exact (first-order meta-gradients are exact either
+with ``nn.BatchNorm2d`` computed under ``vmap`` is wrong (chapter 7 measures by
+how much), while the loop over tasks is exact (first-order meta-gradients are exact either
 way). :func:`metabp.bilevel.meta_loss` refuses that combination;
 :func:`vmap_safe` swaps in :class:`TaskBatchNorm2d`, the same normalisation
 written with plain tensor operations, which ``vmap`` differentiates exactly.

@@ -95,6 +95,25 @@ class ImageClasses:
         return ImageClasses(self.images.to(device), self.names)
 
 
+def rotate(classes: ImageClasses, degrees: float) -> ImageClasses:
+    """Every drawing turned by ``degrees`` (counter-clockwise, bilinear, about the centre).
+
+    Unlike :meth:`~metabp.episodes.ImageClasses.with_rotations` (multiples of 90
+    degrees, each a class of its own), this keeps the classes and moves them away
+    from what a learner has seen: the knob of chapter 6.2's controlled shift.
+    """
+    if isinstance(degrees, bool) or not isinstance(degrees, (int, float)) or not -360 <= degrees <= 360:
+        raise ValueError(f"degrees must be a number from -360 to 360, got {degrees!r}")
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import rotate as tv_rotate
+
+    c, m, h, w = classes.images.shape
+    turned = tv_rotate(classes.images.reshape(c * m, 1, h, w), float(degrees),
+                       interpolation=InterpolationMode.BILINEAR)
+    suffix = f"/turn{degrees:g}"
+    return ImageClasses(turned.reshape(c, m, h, w).contiguous(), tuple(n + suffix for n in classes.names))
+
+
 def _check_episode(classes: ImageClasses, ways: int, shots: int, queries: int) -> None:
     if isinstance(ways, bool) or not isinstance(ways, int) or not 2 <= ways <= len(classes):
         raise ValueError(f"ways must be an integer from 2 to the number of classes ({len(classes)}), got {ways!r}")
@@ -185,7 +204,7 @@ class L2LEpisodeSampler:
     """
 
     def __init__(self, classes: ImageClasses, ways: int = 5, shots: int = 1, queries: int = 15) -> None:
-        from .l2l import import_learn2learn
+        from .faces import import_learn2learn
 
         _check_episode(classes, ways, shots, queries)
         l2l = import_learn2learn()

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Hashable, Mapping, Sequence, TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .bilevel import InnerLoop, Params, forward, get_params, inner_step
+from .bilevel import (VECTORIZE, InnerLoop, Params, TaskBatch, _input_error, check_meta_batch, forward, get_params,
+                      has_learned_lrs, inner_step)
 from .checks import step_counts
-from .tasks import TaskBatch, check_task_batch
 
 METRICS = ("loss", "accuracy")
+Setting = TypeVar("Setting", bound=Hashable)
 
 
 def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -26,6 +27,10 @@ def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple
     v = torch.as_tensor(values, dtype=torch.float64).flatten()
     if v.numel() < 2:
         raise ValueError(f"values must hold at least 2 numbers for an interval, got {v.numel()}")
+    if not torch.isfinite(v).all():
+        bad = v[~torch.isfinite(v)][:3].tolist()
+        raise ValueError(f"values must all be finite numbers, got {int((~torch.isfinite(v)).sum())} that are "
+                         f"not (for example {bad})")
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2, dtype=torch.float64))
     return v.mean().item(), (z * v.std(unbiased=True) / math.sqrt(v.numel())).item()
 
@@ -46,8 +51,13 @@ def adaptation_curve(
     params: Params | None = None,
     lrs: Mapping[str, Tensor] | None = None,
     chunk_size: int | None = None,
+    vectorize: bool = VECTORIZE,
 ) -> Tensor:
     """Query metric of every task after each number of inner steps in ``steps``.
+
+    MAML-style test-time adaptation: :func:`~metabp.bilevel.inner_step` on each
+    task's support set (first order: nothing is differentiated afterwards), scored
+    on its query set.
 
     Args:
         model: the network (evaluated at ``params``, default its own parameters).
@@ -55,18 +65,28 @@ def adaptation_curve(
         inner: inner-loop settings (its ``inner_steps`` is ignored: ``steps`` rules).
         steps: non-decreasing step counts to report, e.g. ``[0, 1, 5, 10]``.
         metric: 'loss' (the inner loss on the query set) or 'accuracy'.
+        lrs: Meta-SGD's learned step sizes; required for a model that
+            :func:`~metabp.bilevel.init_lrs` made step sizes for (evaluating it with
+            the scalar ``inner.inner_lr`` would be a silent mistake).
         chunk_size: tasks per ``vmap`` chunk, to bound memory.
+        vectorize: one ``vmap`` over tasks (True) or a Python loop over them (False),
+            which runs any model (dropout, for instance) and on a CPU is faster for
+            convolutional networks.
 
     Returns:
         Tensor of shape ``(len(steps), B)``.
     """
-    check_task_batch(batch)
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     steps = step_counts("steps", steps)
+    if lrs is None and has_learned_lrs(model):
+        raise ValueError("lrs: this model was meta-trained with learned step sizes (init_lrs, Meta-SGD); "
+                         "pass them as lrs=..., or evaluate copy.deepcopy(model) to use inner.inner_lr")
     params = {k: v.detach() for k, v in (get_params(model) if params is None else params).items()}
     lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
-    eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt)
+    eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt_only)
+    # the second-order vmap guard does not apply: nothing is differentiated afterwards
+    check_meta_batch(model, params, batch, eval_inner, vectorize, lrs)
 
     def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
         p, done, out = params, 0, []
@@ -77,8 +97,16 @@ def adaptation_curve(
             out.append(_score(model, p, x_qry, y_qry, inner, metric))
         return torch.stack(out)
 
-    with torch.no_grad():
-        return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
+    try:
+        with torch.no_grad():
+            if vectorize:
+                return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
+            return torch.stack([one_task(*task) for task in zip(*batch)], 1)
+    except RuntimeError as error:
+        better = _input_error(error, batch)
+        if better is None:
+            raise
+        raise better from error
 
 
 def evaluate(
@@ -92,3 +120,41 @@ def evaluate(
     """``{steps: (mean, 95% half-width)}`` of the query metric over the tasks in ``batch``."""
     curve = adaptation_curve(model, batch, inner, steps, metric, **kwargs)
     return {s: mean_ci(curve[i]) for i, s in enumerate(steps)}
+
+
+def best_setting(
+    scores: Mapping[Setting, Tensor], steps: Sequence[int], maximize: bool = True, at: int | None = None
+) -> tuple[Setting, int]:
+    """Choose a setting (a step size, say) and a number of steps on validation tasks.
+
+    Args:
+        scores: ``setting -> (len(steps),)`` mean validation metric after each step
+            count in ``steps`` (a row of :func:`adaptation_curve`'s means).
+        steps: the step counts of the rows.
+        maximize: True for accuracy, False for a loss.
+        at: compare the rows after this many steps only (one of ``steps``); ``None``
+            compares every entry and also chooses the step count.
+
+    Returns:
+        ``(setting, step count)`` with the best score; the first in ``scores``' order
+        on a tie. Settings whose row holds a non-finite value (they diverged) are skipped.
+    """
+    steps = step_counts("steps", steps)
+    if at is not None and at not in steps:
+        raise ValueError(f"at must be one of steps {steps}, got {at!r}")
+    best = None
+    for setting, row in scores.items():
+        row = torch.as_tensor(row)
+        if row.shape != (len(steps),):
+            raise ValueError(f"scores[{setting!r}] must have one value per step count ({len(steps)}), "
+                             f"got shape {tuple(row.shape)}")
+        if not torch.isfinite(row).all():
+            continue
+        signed = row if maximize else -row
+        index = steps.index(at) if at is not None else int(signed.argmax())
+        value = signed[index].item()
+        if best is None or value > best[0]:
+            best = (value, setting, steps[index])
+    if best is None:
+        raise ValueError("scores: every setting diverged (a non-finite score); try smaller step sizes")
+    return best[1], best[2]

@@ -178,7 +178,7 @@ def accuracy(
     if ways != model.ways:
         model = model.with_ways(ways)
     inner = config.inner if inner_lr is None else InnerLoop(
-        "cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt
+        "cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt_only
     )
     steps = [default_test_steps(config)] if steps is None else list(steps)
     return adaptation_curve(model, batch, inner, steps, metric="accuracy", chunk_size=chunk_size)
@@ -231,6 +231,8 @@ def train(
         iteration so far, wall time of all sessions together).
     """
     positive_int("checkpoint_every", checkpoint_every)
+    if stop_after is not None:
+        positive_int("stop_after", stop_after)
     device = torch.device(device)
     state = None
     if resume:

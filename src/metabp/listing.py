@@ -18,6 +18,10 @@ shape: no copy, the adapted weights are computed *from* the meta-parameters with
 ``torch.autograd.grad(..., create_graph=True)``, and the model is evaluated at
 them with ``functional_call``. It computes the MAML meta-gradient, the same one
 as :func:`metabp.bilevel.meta_loss`.
+
+Neither uses the core's :func:`~metabp.bilevel.inner_step`, deliberately: the
+first is the article's code as written, the second its smallest repair, and both
+are shown to the reader as such.
 """
 
 from __future__ import annotations

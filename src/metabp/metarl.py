@@ -26,9 +26,9 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vmap
+from torch.func import vmap
 
-from .bilevel import get_params
+from .bilevel import InnerLoop, get_params, inner_step
 from .checks import nonnegative_int, one_of, positive_float, positive_int
 from .training import History, fit
 from .navigation import (Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout, rollout_lockstep,
@@ -141,18 +141,20 @@ def adapt(
 ) -> Params:
     """One inner step per task: ``theta'_b = theta + inner_lr * grad surrogate_b(theta)``.
 
+    The core's :func:`~metabp.bilevel.inner_step` with the negative surrogate as its
+    objective (it descends; the surrogate is to be ascended), mapped over tasks.
     ``steps`` and ``old_logp`` hold ``B`` tasks (``old_logp=None``: ``params`` played
     ``steps``, see :func:`surrogate`); ``params`` are shared (``batched=False``) or per
     task. Returns per-task parameters (leading dim ``B``), differentiable with respect to
     ``params`` unless called under ``torch.no_grad``.
     """
+    inner = InnerLoop(inner_lr=inner_lr)
 
-    def objective(p: Params, obs: Tensor, act: Tensor, adv: Tensor, mask: Tensor, old: Tensor | None) -> Tensor:
-        return surrogate(log_prob(policy, p, obs, act), old, adv, mask, estimator)
+    def one_task(p: Params, obs: Tensor, act: Tensor, adv: Tensor, mask: Tensor, old: Tensor | None) -> Params:
+        def objective(q: Params) -> Tensor:
+            return -surrogate(log_prob(policy, q, obs, act), old, adv, mask, estimator)
 
-    def one_task(p: Params, *data: Tensor) -> Params:
-        g = grad(objective)(p, *data)
-        return {k: p[k] + inner_lr * g[k] for k in p}
+        return inner_step(policy, p, None, None, inner, objective=objective)
 
     in_dims = (0 if batched else None, 0, 0, 0, 0, None if old_logp is None else 0)
     return vmap(one_task, in_dims=in_dims)(dict(params), *steps, old_logp)

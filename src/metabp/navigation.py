@@ -31,9 +31,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from .bilevel import Params
 from .checks import one_of, positive_float, positive_int
 
-Params = dict[str, Tensor]
 REWARDS = ("distance", "squared")
 TERMINATIONS = ("box", "circle")
 INITS = ("glorot", "torch")

@@ -42,8 +42,8 @@ def bilevel_diagram(tasks: int = 2, ax: Axes | None = None) -> Figure:
 
     Args:
         tasks: how many task rows to draw (a row ``i`` shows support set, inner loop,
-            adapted parameters theta'_i and query loss); a final row of dots stands
-            for the rest of the meta-batch.
+            adapted parameters theta'_i and query loss), with a note under the last
+            row that every task of the meta-batch has such a row.
         ax: axes to draw on (a new 11 x 5.6 inch figure if ``None``).
 
     Returns:

@@ -8,61 +8,12 @@ dimension ``B``: ``x_spt`` ``(B, K, ...)``, ``y_spt`` ``(B, K, ...)``,
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from .bilevel import TaskBatch, check_task_batch  # noqa: F401  (defined with the core)
 from .checks import positive_int
-
-
-class TaskBatch(NamedTuple):
-    """A meta-batch of tasks: support and query sets with a leading task dimension."""
-
-    x_spt: Tensor
-    y_spt: Tensor
-    x_qry: Tensor
-    y_qry: Tensor
-
-    @property
-    def num_tasks(self) -> int:
-        return self.x_spt.shape[0]
-
-    def task(self, i: int) -> "TaskBatch":
-        """Task ``i`` alone, still with a task dimension of size 1."""
-        return TaskBatch(*(t[i : i + 1] for t in self))
-
-    def to(self, *args, **kwargs) -> "TaskBatch":
-        return TaskBatch(*(t.to(*args, **kwargs) for t in self))
-
-
-def check_task_batch(batch: TaskBatch) -> TaskBatch:
-    """Validate the shapes of a :class:`TaskBatch`; raise ``ValueError`` naming the bad tensor."""
-    if len(batch) != 4:
-        raise ValueError(f"batch must hold 4 tensors (x_spt, y_spt, x_qry, y_qry), got {len(batch)}")
-    names = ("x_spt", "y_spt", "x_qry", "y_qry")
-    for name, t in zip(names, batch):
-        if not isinstance(t, Tensor) or t.dim() < 2:
-            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
-            raise ValueError(f"{name} must be a tensor of shape (tasks, examples, ...), got {shape}")
-    b = batch.x_spt.shape[0]
-    for name, t in zip(names, batch):
-        if t.shape[0] != b:
-            raise ValueError(f"{name} has {t.shape[0]} tasks but x_spt has {b}; all four must agree")
-    if batch.x_spt.shape[1] != batch.y_spt.shape[1]:
-        raise ValueError(
-            f"x_spt has {batch.x_spt.shape[1]} examples per task but y_spt has {batch.y_spt.shape[1]}"
-        )
-    if batch.x_qry.shape[1] != batch.y_qry.shape[1]:
-        raise ValueError(
-            f"x_qry has {batch.x_qry.shape[1]} examples per task but y_qry has {batch.y_qry.shape[1]}"
-        )
-    if batch.x_spt.shape[2:] != batch.x_qry.shape[2:]:
-        raise ValueError(
-            f"x_spt examples have shape {tuple(batch.x_spt.shape[2:])} but x_qry examples have "
-            f"{tuple(batch.x_qry.shape[2:])}; they must match"
-        )
-    return batch
 
 
 class SinusoidTasks:
@@ -118,9 +69,10 @@ class SinusoidTasks:
         return amp, phase
 
     def sample(
-        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32
+        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32,
+        device: torch.device | str | None = None,
     ) -> TaskBatch:
-        """Sample a meta-batch.
+        """Sample a meta-batch (drawn on the CPU with ``generator``, then moved to ``device``).
 
         Returns:
             :class:`TaskBatch` with ``x_spt, y_spt`` of shape ``(num_tasks, shots, 1)`` and
@@ -129,7 +81,8 @@ class SinusoidTasks:
         amp, phase = self.sample_functions(num_tasks, generator, dtype)
         x = self._uniform((num_tasks, self.shots + self.queries, 1), self.x_range, generator, dtype)
         y = amp * torch.sin(x - phase)
-        return TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :])
+        batch = TaskBatch(x[:, : self.shots], y[:, : self.shots], x[:, self.shots :], y[:, self.shots :])
+        return batch if device is None else batch.to(device)
 
     def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         return self.sample(num_tasks, generator)
@@ -167,9 +120,11 @@ class BlobTasks:
         self.spread, self.noise = float(spread), float(noise)
 
     def sample(
-        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32
+        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32,
+        device: torch.device | str | None = None,
     ) -> TaskBatch:
-        """``x_spt (B, ways*shots, dim)``, ``y_spt (B, ways*shots)`` int64, likewise for queries."""
+        """``x_spt (B, ways*shots, dim)``, ``y_spt (B, ways*shots)`` int64, likewise for queries
+        (drawn on the CPU with ``generator``, then moved to ``device``)."""
         positive_int("num_tasks", num_tasks)
         n, k, q = self.ways, self.shots, self.queries
         centres = self.spread * torch.randn(num_tasks, n, 1, self.dim, generator=generator, dtype=dtype)
@@ -177,7 +132,8 @@ class BlobTasks:
         labels = torch.arange(n).view(1, n, 1).expand(num_tasks, n, k + q)
         x_spt, x_qry = points[:, :, :k].flatten(1, 2), points[:, :, k:].flatten(1, 2)
         y_spt, y_qry = labels[:, :, :k].flatten(1, 2), labels[:, :, k:].flatten(1, 2)
-        return TaskBatch(x_spt, y_spt, x_qry, y_qry)
+        batch = TaskBatch(x_spt, y_spt, x_qry, y_qry)
+        return batch if device is None else batch.to(device)
 
     def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         return self.sample(num_tasks, generator)
@@ -217,15 +173,19 @@ class TaskPool:
     def __len__(self) -> int:
         return self.size
 
-    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
-        """A meta-batch of ``num_tasks`` pool tasks, each with a random support/query split."""
+    def sample(
+        self, num_tasks: int, generator: torch.Generator | None = None, device: torch.device | str | None = None
+    ) -> TaskBatch:
+        """A meta-batch of ``num_tasks`` pool tasks, each with a random support/query split
+        (moved to ``device`` if given)."""
         positive_int("num_tasks", num_tasks)
         idx = torch.randint(self.size, (num_tasks,), generator=generator)
         order = torch.rand(num_tasks, self.x.shape[1], generator=generator).argsort(1)
         rows = idx.unsqueeze(1)
         x, y = self.x[rows, order], self.y[rows, order]
         k = self.shots
-        return TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        batch = TaskBatch(x[:, :k], y[:, :k], x[:, k:], y[:, k:])
+        return batch if device is None else batch.to(device)
 
     def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         return self.sample(num_tasks, generator)

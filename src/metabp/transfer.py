@@ -3,10 +3,11 @@
 Three pieces that the domain-adaptation chapter puts beside MAML and prototypical
 networks:
 
-* :func:`load_digits`: scikit-learn's bundled 8x8 handwritten digits (no download)
-  as :class:`~metabp.episodes.ImageClasses` in Omniglot's format (28x28, ink high),
-  a target domain that a learner meta-trained on Omniglot characters has never seen;
-* :func:`rotate`: the same classes turned by any angle, a shift whose size is a knob;
+* the target domains live with the data: :func:`metabp.digits.load_digits`
+  (scikit-learn's bundled 8x8 handwritten digits, a domain that a learner
+  meta-trained on Omniglot characters has never seen) and
+  :func:`metabp.episodes.rotate` (the same classes turned by any angle, a shift
+  whose size is a knob);
 * the transfer-learning baseline: :func:`pretrain_classifier` trains one Conv4 as an
   ordinary classifier over every background class at once, and :func:`with_new_head`
   gives it (or a freshly initialised network, for training from scratch) an
@@ -28,70 +29,12 @@ from torch import Tensor, nn
 from pathlib import Path
 
 from . import checkpoint
+from .bilevel import InnerLoop
 from .checks import positive_float, positive_int, step_counts
 from .convnet import Conv4
 from .episodes import ImageClasses, _to_float
 from .tasks import TaskBatch
 from .training import History, fit, seed_everything
-
-#: Drawings kept per digit class. scikit-learn's data set has 174 to 183 per class,
-#: and :class:`~metabp.episodes.ImageClasses` needs the same number for every class.
-DIGITS_DRAWINGS = 174
-
-
-def load_digits(size: int = 28, box: int = 20, drawings: int = DIGITS_DRAWINGS) -> ImageClasses:
-    """scikit-learn's handwritten digits (Alpaydin & Kaynak, UCI) as ten image classes.
-
-    Each 8x8 image (intensities 0 to 16, ink high) is scaled up bilinearly to a
-    ``box`` x ``box`` square and centred on a ``size`` x ``size`` background, as MNIST
-    centres its digits in a 20-pixel box of a 28-pixel image; intensities are mapped
-    to 0..255. The first ``drawings`` images of every digit, in the data set's order,
-    are kept.
-
-    Returns:
-        :class:`~metabp.episodes.ImageClasses` ``(10, drawings, size, size)``, class ``d``
-        named ``"digits/d"``.
-    """
-    positive_int("size", size)
-    positive_int("box", box)
-    positive_int("drawings", drawings)
-    if box > size:
-        raise ValueError(f"box must be at most size ({size}), got {box}")
-    if drawings > DIGITS_DRAWINGS:
-        raise ValueError(f"drawings must be at most {DIGITS_DRAWINGS} (the rarest digit's count), got {drawings}")
-    try:
-        from sklearn.datasets import load_digits as sklearn_digits
-    except ImportError as error:  # pragma: no cover - scikit-learn is a requirement
-        raise ImportError("load_digits needs scikit-learn: pip install scikit-learn") from error
-    data = sklearn_digits()
-    images = torch.as_tensor(data.images, dtype=torch.float32) / 16.0
-    targets = torch.as_tensor(data.target)
-    big = F.interpolate(images.unsqueeze(1), size=(box, box), mode="bilinear", align_corners=False).squeeze(1)
-    pad = size - box
-    big = F.pad(big, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
-    pixels = (big.clamp(0, 1) * 255).round().to(torch.uint8)
-    per_class = [pixels[targets == d][:drawings] for d in range(10)]
-    return ImageClasses(torch.stack(per_class), tuple(f"digits/{d}" for d in range(10)))
-
-
-def rotate(classes: ImageClasses, degrees: float) -> ImageClasses:
-    """Every drawing turned by ``degrees`` (counter-clockwise, bilinear, about the centre).
-
-    Unlike :meth:`~metabp.episodes.ImageClasses.with_rotations` (multiples of 90
-    degrees, each a class of its own), this keeps the classes and moves them away
-    from what a learner has seen: the knob of chapter 6.2's controlled shift.
-    """
-    if isinstance(degrees, bool) or not isinstance(degrees, (int, float)) or not -360 <= degrees <= 360:
-        raise ValueError(f"degrees must be a number from -360 to 360, got {degrees!r}")
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import rotate as tv_rotate
-
-    c, m, h, w = classes.images.shape
-    turned = tv_rotate(classes.images.reshape(c * m, 1, h, w), float(degrees),
-                       interpolation=InterpolationMode.BILINEAR)
-    suffix = f"/turn{degrees:g}"
-    return ImageClasses(turned.reshape(c, m, h, w).contiguous(), tuple(n + suffix for n in classes.names))
-
 
 def pretrain_classifier(
     classes: ImageClasses,
@@ -196,12 +139,15 @@ def fine_tune_accuracy(
     freshly initialised Conv4 (``hidden`` filters, the same initialisation for every
     task) from scratch. With ``head="keep"`` the model's own head is kept (narrowed
     or widened by :meth:`~metabp.convnet.Conv4.with_ways`), which makes this MAML's
-    test-time adaptation of a meta-learned initialisation, computed task by task:
-    the same numbers as :func:`metabp.fewshot.accuracy`, faster on a CPU. Both take plain full-batch gradient steps of size ``lr`` on
-    the support loss; ``steps`` are the step counts reported. Tasks run one after
-    another with ordinary autograd, which on a CPU is faster than ``vmap``'s grouped
-    convolutions.
+    test-time adaptation of a meta-learned initialisation: the same numbers as
+    :func:`metabp.fewshot.accuracy`. Either way this is the core's evaluation,
+    :func:`metabp.evaluation.adaptation_curve` with plain full-batch gradient steps
+    of size ``lr`` on the support loss (``steps`` are the step counts reported), on
+    its loop path: tasks one after another, which on a CPU is faster than ``vmap``'s
+    grouped convolutions.
     """
+    from .evaluation import adaptation_curve
+
     positive_float("lr", lr)
     steps = step_counts("steps", steps)
     ways = int(batch.y_spt.max()) + 1
@@ -213,21 +159,8 @@ def fine_tune_accuracy(
         start = with_new_head(model, ways, hidden, seed)
     else:
         raise ValueError(f"head must be 'zero' or 'keep', got {head!r}")
-    out = torch.empty(len(steps), batch.num_tasks)
-    for i, (x_spt, y_spt, x_qry, y_qry) in enumerate(zip(*batch)):
-        net = copy.deepcopy(start)
-        params = list(net.parameters())
-        done = 0
-        for j, k in enumerate(steps):
-            for _ in range(k - done):
-                grads = torch.autograd.grad(F.cross_entropy(net(x_spt), y_spt), params)
-                with torch.no_grad():
-                    for p, g in zip(params, grads):
-                        p.sub_(lr * g)
-            done = k
-            with torch.no_grad():
-                out[j, i] = (net(x_qry).argmax(-1) == y_qry).float().mean()
-    return out
+    inner = InnerLoop("cross_entropy", lr, first_order=True)
+    return adaptation_curve(start, batch, inner, steps, "accuracy", vectorize=False)
 
 
 @torch.no_grad()

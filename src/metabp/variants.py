@@ -1,7 +1,8 @@
 """Two meta-updates that do not backpropagate through the inner loop: Reptile and implicit MAML.
 
-Both reuse the core's inner step (:func:`metabp.bilevel.inner_step`) and differ
-from MAML only in how the outer update is formed.
+Both adapt with the core's inner step (:func:`metabp.bilevel.inner_step`: Reptile
+on the support loss, implicit MAML on its proximal objective) and differ from MAML
+only in how the outer update is formed.
 
 * **Reptile** (Nichol et al., 2018): adapt each task with ``k`` plain SGD steps
   and move the initialisation towards the adapted weights,
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, grad_and_value, vjp, vmap
 
-from .bilevel import InnerLoop, Params, adapt, forward, get_params
+from .bilevel import VECTORIZE, InnerLoop, Params, adapt, check_adapt_names, forward, get_params
 from .checks import positive_float, positive_int
 from .tasks import TaskBatch, check_task_batch
 
@@ -48,7 +49,7 @@ def reptile_gradient(
     inner: InnerLoop,
     params: Params | None = None,
     use_query: bool = True,
-    vectorize: bool = True,
+    vectorize: bool = VECTORIZE,
 ) -> tuple[Params, Tensor]:
     """Reptile's update direction as a gradient: ``theta - mean_i theta'_i``.
 
@@ -94,7 +95,7 @@ def reptile_step(
     batch: TaskBatch,
     inner: InnerLoop,
     use_query: bool = True,
-    vectorize: bool = True,
+    vectorize: bool = VECTORIZE,
 ) -> float:
     """One Reptile update: put :func:`reptile_gradient` in ``.grad`` and step ``optimizer``.
 
@@ -124,24 +125,23 @@ def proximal_adapt(
 ) -> Params:
     """Gradient descent on the proximal inner problem ``L_s(phi) + lam/2 |phi - anchor|^2``.
 
-    ``inner.inner_steps`` steps of size ``inner.inner_lr``, starting from ``params``.
-    The steps are ordinary differentiable expressions: called with ``params`` and
-    ``anchor`` both equal to theta (with autograd tracking), the result can be
-    backpropagated to theta, which gives the *unrolled* meta-gradient of the
-    proximal problem; :func:`implicit_meta_gradient` calls it on detached tensors.
+    ``inner.inner_steps`` calls of the core's :func:`~metabp.bilevel.inner_step` on
+    that objective, starting from ``params``: step size ``inner.inner_lr``, only the
+    parameters ``inner.adapt_only`` names move, and ``inner.first_order`` detaches
+    the steps' gradients. The steps are ordinary differentiable expressions: called
+    with ``params`` and ``anchor`` both equal to theta (with autograd tracking), the
+    result can be backpropagated to theta, which gives the *unrolled* meta-gradient
+    of the proximal problem; :func:`implicit_meta_gradient` calls it on detached tensors.
     """
     positive_float("lam", lam)
+    check_adapt_names(list(params), inner)
     loss_fn = inner.loss_fn
 
     def objective(phi: Params) -> Tensor:
         penalty = sum(((phi[k] - anchor[k]) ** 2).sum() for k in phi)
         return loss_fn(forward(model, phi, x), y) + lam / 2 * penalty
 
-    phi = dict(params)
-    for _ in range(inner.inner_steps):
-        g = grad(objective)(phi)
-        phi = {k: phi[k] - inner.inner_lr * g[k] for k in phi}
-    return phi
+    return adapt(model, dict(params), x, y, inner, objective=objective)
 
 
 def conjugate_gradient(matvec, b: Params, steps: int) -> Params:
@@ -222,7 +222,7 @@ def implicit_meta_gradient(
     lam: float = 1.0,
     cg_steps: int = 5,
     params: Params | None = None,
-    vectorize: bool = True,
+    vectorize: bool = VECTORIZE,
 ) -> tuple[Params, Tensor]:
     """The implicit MAML meta-gradient of a meta-batch (Rajeswaran et al., 2019).
 
@@ -245,6 +245,8 @@ def implicit_meta_gradient(
     check_task_batch(batch)
     positive_float("lam", lam)
     positive_int("cg_steps", cg_steps)
+    if inner.adapt_only is not None:
+        raise ValueError(f"implicit MAML adapts every parameter here; got adapt_only={inner.adapt_only!r}")
     theta = _detached(model, params)
 
     def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> tuple[Params, Tensor]:
@@ -285,7 +287,7 @@ def implicit_step(
     inner: InnerLoop,
     lam: float = 1.0,
     cg_steps: int = 5,
-    vectorize: bool = True,
+    vectorize: bool = VECTORIZE,
 ) -> float:
     """One implicit MAML update; returns the mean post-adaptation query loss as a float."""
     grads, loss = implicit_meta_gradient(model, batch, inner, lam, cg_steps, vectorize=vectorize)
