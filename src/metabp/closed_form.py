@@ -45,7 +45,8 @@ def closed_form_meta_gradient(
 ) -> Tensor:
     """Analytic MAML meta-gradient for least squares, mean over the tasks of ``batch``.
 
-    After ``steps`` steps ``w_k = w - alpha (A w_{k-1} - b)``, so ``d w_k / d w = (I - alpha A)^k``
+    Starting from ``w_0 = w``, each step is ``w_k = w_{k-1} - alpha (A w_{k-1} - b)``, so after
+    ``steps`` steps ``d w_k / d w = (I - alpha A)^k``
     and the meta-gradient is ``((I - alpha A)^k)^T grad L_q(w_k)``; with ``first_order`` the
     Jacobian is replaced by the identity (first-order MAML).
     """
