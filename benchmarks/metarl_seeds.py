@@ -13,6 +13,7 @@ over the 40 goals, and appends one JSON line to ``--out``.
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/metarl_seeds.py --seeds 1 2 3 \
         --out benchmarks/metarl_seeds.jsonl
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,18 @@ from metabp.data import dataset_dir
 from metabp.metarl import MetaRL, adaptation_returns, choose_step_sizes, meta_train
 from metabp.navigation import GaussianMLPPolicy, Navigation2D
 
-CONFIG = dict(inner_lr=0.1, inner_steps=1, num_trajectories=20, meta_batch_size=20, meta_lr=1e-3, std_lr=1e-2,
-              outer_epochs=1, clip=0.2, estimator="lvc", cosine=True)
+CONFIG = dict(
+    inner_lr=0.1,
+    inner_steps=1,
+    num_trajectories=20,
+    meta_batch_size=20,
+    meta_lr=1e-3,
+    std_lr=1e-2,
+    outer_epochs=1,
+    clip=0.2,
+    estimator="lvc",
+    cosine=True,
+)
 ITERATIONS, REPEATS, EVAL_STEPS, SLOTS = 300, 5, 4000, 40
 
 
@@ -67,12 +78,29 @@ def main() -> None:
         torch.manual_seed(seed)
         policy = GaussianMLPPolicy()
         history = meta_train(env, policy, cfg, ITERATIONS, seed=seed)
-        lrs, _ = choose_step_sizes(env, policy, val_goals, 0.1, [1 / 2, 1 / 3, 1 / 4], SLOTS,
-                                   torch.Generator().manual_seed(4), min_steps=EVAL_STEPS, lockstep=True)
+        lrs, _ = choose_step_sizes(
+            env,
+            policy,
+            val_goals,
+            0.1,
+            [1 / 2, 1 / 3, 1 / 4],
+            SLOTS,
+            torch.Generator().manual_seed(4),
+            min_steps=EVAL_STEPS,
+            lockstep=True,
+        )
         result = {"seed": seed, "train_seconds": round(history.seconds, 1), "lrs": [round(x, 4) for x in lrs]}
         for name, lockstep in (("released_sampler", True), ("every_episode", False)):
-            evals = adaptation_returns(env, policy, goals.repeat(REPEATS, 1), lrs, SLOTS,
-                                       torch.Generator().manual_seed(3), min_steps=EVAL_STEPS, lockstep=lockstep)
+            evals = adaptation_returns(
+                env,
+                policy,
+                goals.repeat(REPEATS, 1),
+                lrs,
+                SLOTS,
+                torch.Generator().manual_seed(3),
+                min_steps=EVAL_STEPS,
+                lockstep=lockstep,
+            )
             ret = [t.mean_return().reshape(REPEATS, -1).mean(0) for t in evals]
             result[name] = [round(r.mean().item(), 3) for r in ret]
             result[name + "_minus_paper"] = [[round(x, 3) for x in paired(r, p)] for r, p in zip(ret, paper)]

@@ -39,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--iterations", type=int, default=40000)
-    parser.add_argument("--eager", action="store_true",
-                        help="meta-train without torch.compile (the chapter compiles)")
+    parser.add_argument("--eager", action="store_true", help="meta-train without torch.compile (the chapter compiles)")
     parser.add_argument("--pretrain", action="store_true", help="also the pretrained baseline")
     parser.add_argument("--out", required=True, help="JSON-lines file to append to")
     args = parser.parse_args(argv)
@@ -52,9 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     inner = InnerLoop("mse", inner_lr=0.01, inner_steps=1)
     torch.manual_seed(args.seed)
     net = SineNet()
-    history = meta_train(net, train_tasks, inner, iterations=args.iterations, meta_batch_size=25,
-                         meta_lr=0.01, cosine=True, seed=args.seed, vectorize=True,
-                         compile=not args.eager, progress=False)
+    history = meta_train(
+        net,
+        train_tasks,
+        inner,
+        iterations=args.iterations,
+        meta_batch_size=25,
+        meta_lr=0.01,
+        cosine=True,
+        seed=args.seed,
+        vectorize=True,
+        compile=not args.eager,
+        progress=False,
+    )
     test = SinusoidTasks(shots=5, queries=100).sample(1000, torch.Generator().manual_seed(2017))
     steps = [0, 1, 5, 10]
     curve = adaptation_curve(net, test, inner, steps)
@@ -73,11 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.pretrain:
         torch.manual_seed(args.seed)
         pre = SineNet()
-        pretrain(pre, train_tasks, iterations=20000, batch_size=25, lr=1e-3, seed=args.seed,
-                 progress=False)
+        pretrain(pre, train_tasks, iterations=20000, batch_size=25, lr=1e-3, seed=args.seed, progress=False)
         pre_curve = adaptation_curve(pre, test, inner, steps)
-        record["pretrained"] = {str(s): [round(v, 4) for v in mean_ci(pre_curve[i])]
-                                for i, s in enumerate(steps)}
+        record["pretrained"] = {str(s): [round(v, 4) for v in mean_ci(pre_curve[i])] for i, s in enumerate(steps)}
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     record["command"] = " ".join(sys.argv)

@@ -10,10 +10,10 @@ import sys
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from metabp.bench import BenchConfig, format_report, make_problem, run, summary_line
 from metabp.costs import peak_memory, prepare_memory_measurement
-from cli_helpers import run_cli
 
 SUMMARY = re.compile(r"^(sinusoid|omniglot) ratio_vs_learn2learn: (\d+\.\d+) ratio_vs_floor: (\d+\.\d+)$")
 
@@ -33,8 +33,13 @@ def test_every_implementation_is_checked_on_the_sinusoid():
 
 def test_first_order_and_two_steps_agree_on_the_omniglot_network():
     config = BenchConfig("omniglot", meta_batch_size=2, inner_steps=2, first_order=True, width=4)
-    report = run(config, impls=("metabp vmap", "learn2learn", "higher", "torchopt", "floor (per task)"),
-                 repeats=1, warmup=0, memory=False)
+    report = run(
+        config,
+        impls=("metabp vmap", "learn2learn", "higher", "torchopt", "floor (per task)"),
+        repeats=1,
+        warmup=0,
+        memory=False,
+    )
     checks = {r.name: r.check for r in report.results}
     assert checks["metabp loop"] == "ok (reference)"  # always run, as the reference
     for name in ("metabp vmap", "learn2learn", "higher", "torchopt"):
@@ -46,8 +51,7 @@ def test_second_order_vmap_agrees_on_the_omniglot_network():
     # vmap runs through metabp.convnet.TaskBatchNorm2d (vmap's second derivatives of
     # nn.BatchNorm2d are wrong in this torch) and must match the loop.
     config = BenchConfig("omniglot", meta_batch_size=2, width=4)
-    report = run(config, impls=("metabp vmap", "learn2learn", "floor (per task)"), repeats=1, warmup=0,
-                 memory=False)
+    report = run(config, impls=("metabp vmap", "learn2learn", "floor (per task)"), repeats=1, warmup=0, memory=False)
     checks = {r.name: r.check for r in report.results}
     assert checks["metabp vmap"].startswith("ok"), checks
     assert any("TaskBatchNorm2d" in note for note in report.notes), report.notes
@@ -64,11 +68,19 @@ def test_check_runs_in_float64_and_flags_a_small_error(monkeypatch):
     def slightly_wrong(problem):
         built_in.append(problem.batch.x_spt.dtype)
         model = bench._fresh(problem)
-        return lambda: {k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner, vectorize=False).items()}
+        return lambda: {
+            k: v * (1 + 1e-6) for k, v in meta_gradient(model, problem.batch, problem.inner, vectorize=False).items()
+        }
 
     monkeypatch.setattr(bench, "IMPLS", bench.IMPLS + (bench.Impl("slightly wrong", "metabp", slightly_wrong),))
-    report = run(BenchConfig("sinusoid", meta_batch_size=2, width=4), impls=("slightly wrong", "learn2learn"),
-                 repeats=1, warmup=0, memory=False, compile=False)
+    report = run(
+        BenchConfig("sinusoid", meta_batch_size=2, width=4),
+        impls=("slightly wrong", "learn2learn"),
+        repeats=1,
+        warmup=0,
+        memory=False,
+        compile=False,
+    )
     checks = {r.name: r.check for r in report.results}
     assert checks["slightly wrong"].startswith("DIFFERS"), checks
     assert checks["learn2learn"].startswith("ok"), checks
@@ -82,8 +94,13 @@ def test_flop_count_of_a_matrix_product_and_of_the_meta_step():
     a, b = torch.ones(3, 4), torch.ones(4, 5)
     assert count_flops(lambda: a @ b) == 2 * 3 * 4 * 5
     assert count_flops(lambda: a + 1) is None  # elementwise work is not counted
-    report = run(BenchConfig("omniglot", meta_batch_size=2, width=4), impls=("learn2learn", "floor (per task)"),
-                 repeats=1, warmup=0, memory=False)
+    report = run(
+        BenchConfig("omniglot", meta_batch_size=2, width=4),
+        impls=("learn2learn", "floor (per task)"),
+        repeats=1,
+        warmup=0,
+        memory=False,
+    )
     loop, floor = report.get("metabp loop"), report.get("floor (per task)")
     # a meta-step does the floor's arithmetic and more (the inner step on the support images)
     assert report.get("learn2learn").flops == loop.flops > floor.flops > 0
@@ -111,8 +128,14 @@ def test_omniglot_problem_has_the_episode_shapes():
 
 
 def test_summary_needs_learn2learn_and_a_floor():
-    report = run(BenchConfig("sinusoid", meta_batch_size=2, width=4), impls=("metabp vmap",), repeats=1,
-                 warmup=0, compile=False, memory=False)
+    report = run(
+        BenchConfig("sinusoid", meta_batch_size=2, width=4),
+        impls=("metabp vmap",),
+        repeats=1,
+        warmup=0,
+        compile=False,
+        memory=False,
+    )
     assert summary_line(report) is None
 
 
@@ -139,8 +162,26 @@ def test_config_arguments_are_checked():
 
 
 def test_command_line_ends_with_one_summary_line_per_config(capsys):
-    code, out, err = run_cli(["bench", "sinusoid", "--meta-batch-size", 2, "--width", 4, "--repeats", 1,
-                              "--warmup", 0, "--compile", "off", "--no-memory", "--threads", 1], capsys)
+    code, out, err = run_cli(
+        [
+            "bench",
+            "sinusoid",
+            "--meta-batch-size",
+            2,
+            "--width",
+            4,
+            "--repeats",
+            1,
+            "--warmup",
+            0,
+            "--compile",
+            "off",
+            "--no-memory",
+            "--threads",
+            1,
+        ],
+        capsys,
+    )
     assert code == 0, err
     last = out.strip().splitlines()[-1]
     assert SUMMARY.match(last), out

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from metabp.bilevel import InnerLoop, get_params, meta_gradient, meta_loss, meta_step, make_optimizer
+from metabp.bilevel import InnerLoop, get_params, make_optimizer, meta_gradient, meta_loss, meta_step
 from metabp.closed_form import closed_form_meta_gradient
 from metabp.models import MetaLearner, SineNet
 from metabp.tasks import SinusoidTasks, TaskBatch
@@ -127,9 +127,9 @@ def test_functional_meta_gradient_equals_autograd_one():
 
 
 def test_compiled_meta_training_follows_the_eager_run():
-    from metabp.training import meta_train
-
     import warnings
+
+    from metabp.training import meta_train
 
     runs, fallbacks = [], []
     for compile in (False, True):
@@ -138,8 +138,16 @@ def test_compiled_meta_training_follows_the_eager_run():
         start = [p.detach().clone() for p in model.parameters()]
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            meta_train(model, SinusoidTasks(), InnerLoop("mse", 0.01, 1), iterations=3,
-                       meta_batch_size=4, meta_lr=0.01, compile=compile, progress=False)
+            meta_train(
+                model,
+                SinusoidTasks(),
+                InnerLoop("mse", 0.01, 1),
+                iterations=3,
+                meta_batch_size=4,
+                meta_lr=0.01,
+                compile=compile,
+                progress=False,
+            )
         fallbacks.append([str(w.message) for w in caught if "torch.compile" in str(w.message)])
         runs.append([p.detach().clone() for p in model.parameters()])
         assert not all(torch.equal(a, b) for a, b in zip(start, runs[-1]))  # it trained

@@ -9,18 +9,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
+from runs_fixture import make_runs
 
 import metabp.fewshot as fewshot
 from metabp.cli import PRESETS
 from metabp.fewshot import FewShotConfig
-from cli_helpers import run_cli
-from runs_fixture import make_runs
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--hidden", "4", "--ways", "3", "--queries", "1", "--meta-batch-size", "2", "--iterations", "5",
-        "--checkpoint-every", "2", "--no-progress"]
-
-
+TINY = [
+    "--hidden",
+    "4",
+    "--ways",
+    "3",
+    "--queries",
+    "1",
+    "--meta-batch-size",
+    "2",
+    "--iterations",
+    "5",
+    "--checkpoint-every",
+    "2",
+    "--no-progress",
+]
 
 
 def one_line_error(code, err):
@@ -113,7 +124,10 @@ def test_errors_are_one_line(tmp_path, runs_dir, capsys):
         (["train", "cifar", "--out", tmp_path / "x.pt"], "omniglot"),
         (["evaluate-runs", "--checkpoint", tmp_path / "missing.pt", "--runs", runs_dir], "does not exist"),
         (["evaluate-runs", "--checkpoint", garbage, "--runs", runs_dir], "not a file written by torch.save"),
-        (["evaluate-runs", "--checkpoint", truncated, "--runs", runs_dir], "not a readable checkpoint: it is truncated"),
+        (
+            ["evaluate-runs", "--checkpoint", truncated, "--runs", runs_dir],
+            "not a readable checkpoint: it is truncated",
+        ),
         (["evaluate-runs", "--checkpoint", ckpt, "--runs", tmp_path], "run01"),
         (["evaluate-runs", "--checkpoint", ckpt, "--runs", runs_dir, "--steps", "-1"], "steps"),
     ]
@@ -135,12 +149,22 @@ def test_presets_are_the_chapter_and_maml_paper_configurations():
 
 def test_the_module_runs_as_a_program(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    done = subprocess.run([sys.executable, "-m", "metabp", "evaluate-runs", "--checkpoint", tmp_path / "none.pt",
-                           "--runs", tmp_path], capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "metabp", "evaluate-runs", "--checkpoint", tmp_path / "none.pt", "--runs", tmp_path],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip().count("\n") == 0 and "does not exist" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "metabp", "train", "omniglot", "--help"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "metabp", "train", "omniglot", "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert done.returncode == 0 and "--resume" in done.stdout and "--preset" in done.stdout
 
 
@@ -148,8 +172,19 @@ def test_pretrain_writes_a_classifier_and_refuses_to_overwrite(tmp_path, capsys)
     from metabp.transfer import load_classifier
 
     out = tmp_path / "classifier.pt"
-    args = ["pretrain", "omniglot", "--out", out, "--hidden", "4", "--iterations", "3", "--batch-size", "8",
-            "--no-progress"]
+    args = [
+        "pretrain",
+        "omniglot",
+        "--out",
+        out,
+        "--hidden",
+        "4",
+        "--iterations",
+        "3",
+        "--batch-size",
+        "8",
+        "--no-progress",
+    ]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     assert "pretrained a 544-class classifier for 3 iterations" in stdout
@@ -157,8 +192,9 @@ def test_pretrain_writes_a_classifier_and_refuses_to_overwrite(tmp_path, capsys)
     assert model.ways == 544 and model.hidden == 4 and len(state["loss"]) == 3
     assert state["settings"]["batch_size"] == 8
     assert "exists" in one_line_error(*run_cli(args, capsys)[::2])
-    line = one_line_error(*run_cli(["pretrain", "omniglot", "--out", tmp_path / "x.pt", "--background", "tiny"],
-                                   capsys)[::2])
+    line = one_line_error(
+        *run_cli(["pretrain", "omniglot", "--out", tmp_path / "x.pt", "--background", "tiny"], capsys)[::2]
+    )
     assert "--background must be one of small1, small2, full" in line
     # a meta-learning checkpoint is not a classifier
     fewshot_ckpt = tmp_path / "maml.pt"
@@ -169,6 +205,7 @@ def test_pretrain_writes_a_classifier_and_refuses_to_overwrite(tmp_path, capsys)
 
 # --- failing loudly and losing nothing (issue 18) ---------------------------------------------------------------
 
+
 def test_a_diverging_run_stops_with_one_line_naming_the_learning_rates(tmp_path, capsys):
     out = tmp_path / "inner.pt"
     code, _, err = run_cli(["train", "omniglot", "--out", out, *TINY, "--inner-lr", "1e30"], capsys)
@@ -176,8 +213,9 @@ def test_a_diverging_run_stops_with_one_line_naming_the_learning_rates(tmp_path,
     assert "diverged" in line and "inner_lr=1e+30" in line and "meta_lr=0.001" in line, line
     assert "no checkpoint was written" in line and not out.exists()
     out = tmp_path / "meta.pt"
-    code, _, err = run_cli(["train", "omniglot", "--out", out, *TINY, "--meta-lr", "1e30", "--checkpoint-every", "1"],
-                           capsys)
+    code, _, err = run_cli(
+        ["train", "omniglot", "--out", out, *TINY, "--meta-lr", "1e30", "--checkpoint-every", "1"], capsys
+    )
     line = one_line_error(code, err)
     assert "diverged" in line and "meta_lr=1e+30" in line, line
     if out.exists():  # whatever was written holds finite parameters only
@@ -209,8 +247,24 @@ def test_divergence_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch
 
 def test_pretrain_divergence_is_one_line_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "c.pt"
-    code, _, err = run_cli(["pretrain", "omniglot", "--out", out, "--hidden", "4", "--iterations", "5",
-                            "--batch-size", "8", "--lr", "1e30", "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [
+            "pretrain",
+            "omniglot",
+            "--out",
+            out,
+            "--hidden",
+            "4",
+            "--iterations",
+            "5",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e30",
+            "--no-progress",
+        ],
+        capsys,
+    )
     line = one_line_error(code, err)
     assert "diverged" in line and "lr=1e+30" in line and "nothing was written" in line, line
     assert not out.exists()
@@ -228,9 +282,11 @@ def test_evaluate_refuses_non_finite_parameters(tmp_path, runs_dir, capsys):
     assert run_cli(["train", "omniglot", "--out", good, *TINY], capsys)[0] == 0
     bad = tmp_path / "nan.pt"
     _poison(good, bad)
-    for args in (["evaluate", "omniglot", "--checkpoint", bad, "--tasks", "4"],
-                 ["evaluate-runs", "--checkpoint", bad, "--runs", runs_dir],
-                 ["train", "omniglot", "--out", bad, "--resume"]):
+    for args in (
+        ["evaluate", "omniglot", "--checkpoint", bad, "--tasks", "4"],
+        ["evaluate-runs", "--checkpoint", bad, "--runs", runs_dir],
+        ["train", "omniglot", "--out", bad, "--resume"],
+    ):
         line = one_line_error(*run_cli(args, capsys)[::2])
         assert "not finite" in line and "diverged" in line, (args, line)
 
@@ -261,22 +317,30 @@ def test_an_unwritable_out_folder_is_found_before_training(tmp_path, capsys, mon
     folder = _unwritable_folder(tmp_path)
     monkeypatch.setattr(fewshot, "train", lambda *a, **k: pytest.fail("trained before checking --out"))
     monkeypatch.setattr(transfer, "pretrain_classifier", lambda *a, **k: pytest.fail("trained before checking --out"))
-    for args in (["train", "omniglot", "--out", folder / "m.pt", *TINY],
-                 ["pretrain", "omniglot", "--out", folder / "c.pt", "--iterations", "3", "--no-progress"]):
+    for args in (
+        ["train", "omniglot", "--out", folder / "m.pt", *TINY],
+        ["pretrain", "omniglot", "--out", folder / "c.pt", "--iterations", "3", "--no-progress"],
+    ):
         line = one_line_error(*run_cli(args, capsys)[::2])
         assert "cannot be written" in line and str(folder) in line, line
     line = one_line_error(*run_cli(["train", "omniglot", "--out", tmp_path, *TINY], capsys)[::2])
     assert "is a folder" in line
 
 
-@pytest.mark.parametrize("damage, needle", [
-    (lambda s: s.pop("optimizer"), "lacks optimizer"),
-    (lambda s: s.pop("iteration"), "lacks iteration"),
-    (lambda s: s.update(generator=torch.zeros(3, dtype=torch.uint8)), "generator is not a random generator's state"),
-    (lambda s: s.update(torch_rng=torch.ones(7)), "torch_rng is not a random generator's state"),
-    (lambda s: s.update(iteration=99), "iteration must be an integer from 0 to 5"),
-    (lambda s: s["optimizer"]["param_groups"][0]["params"].pop(), "optimizer state does not fit"),
-])
+@pytest.mark.parametrize(
+    "damage, needle",
+    [
+        (lambda s: s.pop("optimizer"), "lacks optimizer"),
+        (lambda s: s.pop("iteration"), "lacks iteration"),
+        (
+            lambda s: s.update(generator=torch.zeros(3, dtype=torch.uint8)),
+            "generator is not a random generator's state",
+        ),
+        (lambda s: s.update(torch_rng=torch.ones(7)), "torch_rng is not a random generator's state"),
+        (lambda s: s.update(iteration=99), "iteration must be an integer from 0 to 5"),
+        (lambda s: s["optimizer"]["param_groups"][0]["params"].pop(), "optimizer state does not fit"),
+    ],
+)
 def test_resuming_a_damaged_checkpoint_is_one_line(tmp_path, capsys, damage, needle):
     out = tmp_path / "m.pt"
     assert run_cli(["train", "omniglot", "--out", out, *TINY, "--iterations", "2"], capsys)[0] == 0
@@ -311,7 +375,10 @@ def test_bad_values_are_named(tmp_path, runs_dir, capsys):
         (["evaluate", "omniglot", "--checkpoint", ckpt, "--seed", "99999999999999999999999"], "--seed"),
         (["train", "omniglot", "--out", tmp_path / "x.pt", "--seed", "99999999999999999999999"], "--seed"),
         (["pretrain", "omniglot", "--out", tmp_path / "x.pt", "--seed", "-1"], "--seed"),
-        (["train", "omniglot", "--out", tmp_path / "x.pt", "--meta-lr", "-1e-3"], "meta_lr must be a finite number > 0"),
+        (
+            ["train", "omniglot", "--out", tmp_path / "x.pt", "--meta-lr", "-1e-3"],
+            "meta_lr must be a finite number > 0",
+        ),
         (["bench", "sinusoid", "--repeats", "0"], "--repeats must be >= 1"),
         (["bench", "sinusoid", "--warmup", "-1"], "--warmup must be >= 0"),
     ]

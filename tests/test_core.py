@@ -4,7 +4,6 @@ Meta-SGD step sizes everywhere, inner steps on any objective, and the core copie
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 import subprocess
 import sys
@@ -15,8 +14,19 @@ import torch
 from torch import nn
 
 from metabp import variants
-from metabp.bilevel import (InnerLoop, TaskBatch, _meta_loss, adapt, get_params, init_lrs, inner_step, max_abs_difference,
-                            meta_gradient, meta_gradient_fn, meta_loss)
+from metabp.bilevel import (
+    InnerLoop,
+    TaskBatch,
+    _meta_loss,
+    adapt,
+    get_params,
+    init_lrs,
+    inner_step,
+    max_abs_difference,
+    meta_gradient,
+    meta_gradient_fn,
+    meta_loss,
+)
 from metabp.convnet import Conv4
 from metabp.evaluation import adaptation_curve, evaluate, mean_ci
 from metabp.models import SineNet
@@ -38,14 +48,17 @@ def _flat_grad(model, batch, inner, vectorize):
 # ------------------------------------------------------------------ bad inputs (issue 18, item 9)
 
 
-@pytest.mark.parametrize("make, name", [
-    (lambda b: b.cast(torch.float64), "dtype"),
-    (lambda b: TaskBatch(b.x_spt.expand(-1, -1, 3), b.y_spt, b.x_qry.expand(-1, -1, 3), b.y_qry), "x_spt"),
-    (lambda b: TaskBatch(*(t[:0] for t in b)), "batch"),
-    (lambda b: TaskBatch(b.x_spt[:, :0], b.y_spt[:, :0], b.x_qry, b.y_qry), "x_spt"),
-    (lambda b: TaskBatch(b.x_spt, b.y_spt, b.x_qry, b.y_qry.expand(-1, -1, 4)), "MSE target"),
-    (lambda b: b.to("meta"), "device"),
-])
+@pytest.mark.parametrize(
+    "make, name",
+    [
+        (lambda b: b.cast(torch.float64), "dtype"),
+        (lambda b: TaskBatch(b.x_spt.expand(-1, -1, 3), b.y_spt, b.x_qry.expand(-1, -1, 3), b.y_qry), "x_spt"),
+        (lambda b: TaskBatch(*(t[:0] for t in b)), "batch"),
+        (lambda b: TaskBatch(b.x_spt[:, :0], b.y_spt[:, :0], b.x_qry, b.y_qry), "x_spt"),
+        (lambda b: TaskBatch(b.x_spt, b.y_spt, b.x_qry, b.y_qry.expand(-1, -1, 4)), "MSE target"),
+        (lambda b: b.to("meta"), "device"),
+    ],
+)
 @pytest.mark.parametrize("vectorize", [False, True])
 def test_a_batch_that_does_not_fit_raises_a_value_error_naming_it(make, name, vectorize):
     model, batch = SineNet(), make(_sine())
@@ -58,8 +71,10 @@ def test_images_with_the_wrong_channel_count_are_named():
     x = torch.rand(2, 3, 3, 28, 28)
     y = torch.zeros(2, 3, dtype=torch.long)
     batch = TaskBatch(x, y, x, y)
-    for call in (lambda: meta_loss(model, get_params(model), batch, InnerLoop("cross_entropy"), vectorize=False),
-                 lambda: adaptation_curve(model, batch, InnerLoop("cross_entropy"), [1], "accuracy")):
+    for call in (
+        lambda: meta_loss(model, get_params(model), batch, InnerLoop("cross_entropy"), vectorize=False),
+        lambda: adaptation_curve(model, batch, InnerLoop("cross_entropy"), [1], "accuracy"),
+    ):
         with pytest.raises(ValueError, match="x_spt.*channels"):
             call()
 
@@ -84,8 +99,7 @@ def test_train_refuses_a_negative_stop_after():
 
     classes = ImageClasses(torch.zeros(4, 3, 28, 28, dtype=torch.uint8), [f"c/{i}" for i in range(4)])
     with pytest.raises(ValueError, match="stop_after"):
-        train(FewShotConfig(ways=2, shots=1, queries=1, hidden=4, iterations=2), classes, stop_after=-5,
-              progress=False)
+        train(FewShotConfig(ways=2, shots=1, queries=1, hidden=4, iterations=2), classes, stop_after=-5, progress=False)
 
 
 # ------------------------------------------------------------------ what vmap gets wrong
@@ -96,8 +110,9 @@ def _norm_net(norm: nn.Module) -> nn.Module:
     return nn.Sequential(nn.Linear(1, 40), norm, nn.ReLU(), nn.Linear(40, 1)).double()
 
 
-@pytest.mark.parametrize("norm", [nn.LayerNorm(40), nn.BatchNorm1d(40, track_running_stats=False)],
-                         ids=["layer norm", "batch norm"])
+@pytest.mark.parametrize(
+    "norm", [nn.LayerNorm(40), nn.BatchNorm1d(40, track_running_stats=False)], ids=["layer norm", "batch norm"]
+)
 def test_second_order_vmap_through_a_norm_layer_is_wrong_and_refused(norm):
     model, batch, inner = _norm_net(norm), _sine(8, 1, torch.float64), InnerLoop("mse", 0.01, 1)
     loop, vmapped = _flat_grad(model, batch, inner, False), _flat_grad(model, batch, inner, True)
@@ -125,8 +140,13 @@ def test_running_statistics_are_refused_and_the_suggested_remedies_work():
     batch = _sine(4, 0, torch.float64)
     for vectorize in (False, True):
         with pytest.raises(ValueError, match="track_running_stats=False"):
-            meta_loss(_norm_net(nn.BatchNorm1d(40)), get_params(_norm_net(nn.BatchNorm1d(40))), batch, InnerLoop(),
-                      vectorize=vectorize)
+            meta_loss(
+                _norm_net(nn.BatchNorm1d(40)),
+                get_params(_norm_net(nn.BatchNorm1d(40))),
+                batch,
+                InnerLoop(),
+                vectorize=vectorize,
+            )
     fixed = _norm_net(nn.BatchNorm1d(40)).eval()
     per_set = _norm_net(nn.BatchNorm1d(40, track_running_stats=False))
     for model in (fixed, per_set):
@@ -142,14 +162,14 @@ def test_meta_sgd_step_sizes_reach_meta_gradient_the_compiled_path_and_evaluatio
     lrs = init_lrs(model, 0.3)
     params = get_params(model)
     loss = meta_loss(model, params, batch, inner, vectorize=False, lrs=lrs)
-    want = dict(zip([*params, *(f"lr.{k}" for k in lrs)],
-                    torch.autograd.grad(loss, [*params.values(), *lrs.values()])))
+    want = dict(zip([*params, *(f"lr.{k}" for k in lrs)], torch.autograd.grad(loss, [*params.values(), *lrs.values()])))
     got = meta_gradient(model, batch, inner, vectorize=False, lrs=lrs)
     assert max_abs_difference(got, {k: want[k] for k in params}) < 1e-12
     assert max_abs_difference(got, meta_gradient(model, batch, inner, vectorize=False)) > 1e-3  # lrs are used
     detached = {k: v.detach() for k, v in params.items()}
     (g_params, g_lrs), value = meta_gradient_fn(model, inner, meta_sgd=True)(
-        detached, tuple(batch), {k: v.detach() for k, v in lrs.items()})
+        detached, tuple(batch), {k: v.detach() for k, v in lrs.items()}
+    )
     assert torch.isclose(value, loss)
     assert max_abs_difference(g_params, got) < 1e-12
     assert max_abs_difference(g_lrs, {k: want[f"lr.{k}"] for k in lrs}) < 1e-12
@@ -185,8 +205,14 @@ def test_inner_step_on_an_objective_descends_it_and_defaults_to_the_support_loss
         want = params[k] - 0.05 * grads[k] if k.startswith("net.4.") else params[k]
         assert torch.allclose(default[k], want, atol=1e-14), k
     target = {k: torch.zeros_like(v) for k, v in params.items()}
-    moved = inner_step(model, params, None, None, InnerLoop("mse", 0.25, 1),
-                       objective=lambda p: sum(((p[k] - target[k]) ** 2).sum() for k in p))
+    moved = inner_step(
+        model,
+        params,
+        None,
+        None,
+        InnerLoop("mse", 0.25, 1),
+        objective=lambda p: sum(((p[k] - target[k]) ** 2).sum() for k in p),
+    )
     for k in params:  # one step of size 1/4 on |p|^2 halves every parameter
         assert torch.allclose(moved[k], params[k] / 2, atol=1e-14)
 
@@ -211,7 +237,9 @@ def test_adapt_with_adapt_only_on_conv4_moves_the_head_alone():
     model = Conv4(ways=3, hidden=8)
     batch = BlobTasks(ways=3, shots=1, queries=1, dim=4).sample(1)
     x = torch.rand(3, 1, 28, 28)
-    adapted = adapt(model, get_params(model), x, batch.y_spt[0], InnerLoop("cross_entropy", 0.1, 1, adapt_only=("head",)))
+    adapted = adapt(
+        model, get_params(model), x, batch.y_spt[0], InnerLoop("cross_entropy", 0.1, 1, adapt_only=("head",))
+    )
     assert {k for k, v in get_params(model).items() if not torch.equal(v, adapted[k])} == {"head.weight", "head.bias"}
 
 
@@ -253,13 +281,20 @@ def test_the_core_imports_alone_from_two_copied_files(tmp_path):
         "g = meta_gradient(model, TaskBatch(x, 2 * x, x, 2 * x), InnerLoop('mse', 0.1, 1))\n"
         "print(sorted(g))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PATH": "", "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env={"PATH": "", "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "['bias', 'weight']"
     imports = [line for line in (SRC / "bilevel.py").read_text().splitlines() if line.startswith(("import", "from"))]
-    assert all(("torch" in line or "checks" in line or line.split()[1] in ("__future__", "weakref", "dataclasses",
-                                                                           "typing")) for line in imports), imports
+    assert all(
+        ("torch" in line or "checks" in line or line.split()[1] in ("__future__", "weakref", "dataclasses", "typing"))
+        for line in imports
+    ), imports
 
 
 def test_best_setting_chooses_on_validation_and_skips_diverged_settings():

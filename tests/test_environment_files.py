@@ -36,9 +36,7 @@ def _parse(lines: list[str], source: str) -> dict[str, Entry]:
         if not line or line == LOCAL_INSTALL:
             continue
         tokens = shlex.split(line)
-        first_option = next(
-            (i for i, tok in enumerate(tokens) if tok.startswith("-")), len(tokens)
-        )
+        first_option = next((i for i, tok in enumerate(tokens) if tok.startswith("-")), len(tokens))
         if first_option == 0:
             pytest.fail(f"{source}: unexpected option line {raw!r}")
         req = Requirement(" ".join(tokens[:first_option]))
@@ -62,11 +60,7 @@ def _environment_yml() -> dict:
 
 
 def _pip_section(env: dict) -> list[str]:
-    sections = [
-        dep["pip"]
-        for dep in env.get("dependencies", [])
-        if isinstance(dep, dict) and "pip" in dep
-    ]
+    sections = [dep["pip"] for dep in env.get("dependencies", []) if isinstance(dep, dict) and "pip" in dep]
     assert len(sections) == 1, "environment.yml needs exactly one `pip:` section"
     return [str(line) for line in sections[0]]
 

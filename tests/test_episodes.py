@@ -20,8 +20,9 @@ def small1():
 def toy_classes(classes: int = 12, drawings: int = 6) -> ImageClasses:
     """Class c, drawing m is a 2x2 image filled with the value 10 * c + m (so both can be read back)."""
     values = (10 * torch.arange(classes).view(-1, 1) + torch.arange(drawings)).to(torch.uint8)
-    return ImageClasses(values.view(classes, drawings, 1, 1).expand(-1, -1, 2, 2).contiguous(),
-                        tuple(f"A/c{c}" for c in range(classes)))
+    return ImageClasses(
+        values.view(classes, drawings, 1, 1).expand(-1, -1, 2, 2).contiguous(), tuple(f"A/c{c}" for c in range(classes))
+    )
 
 
 def decode_ids(x: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,12 @@ def test_class_choice_is_uniform_and_labels_are_shuffled():
 
 def test_bad_episode_arguments_are_named():
     classes = toy_classes(classes=5, drawings=4)
-    for kwargs, name in [(dict(ways=6), "ways"), (dict(ways=1), "ways"), (dict(shots=0), "shots"),
-                         (dict(shots=3, queries=2), "shots \\+ queries")]:
+    for kwargs, name in [
+        (dict(ways=6), "ways"),
+        (dict(ways=1), "ways"),
+        (dict(shots=0), "shots"),
+        (dict(shots=3, queries=2), "shots \\+ queries"),
+    ]:
         with pytest.raises(ValueError, match=name):
             EpisodeSampler(classes, **kwargs)
     with pytest.raises(ValueError, match="images"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metabp.bilevel import InnerLoop, meta_gradient
-from metabp.bilevel import max_abs_difference
+from metabp.bilevel import InnerLoop, max_abs_difference, meta_gradient
 from metabp.faces import FACES
 from metabp.models import MetaLearner, SineNet
 from metabp.tasks import BlobTasks, SinusoidTasks

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from metabp import families
-from cli_helpers import run_cli
 
 TINY = {
     "sinusoid": dict(iterations=5, meta_batch_size=3, hidden=8, compile=False),
@@ -30,20 +30,41 @@ def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path
 
 def test_the_defaults_are_the_chapters_runs():
     sine = families.SinusoidConfig()
-    assert (sine.inner_lr, sine.meta_batch_size, sine.meta_lr, sine.iterations, sine.cosine) == (0.01, 25, 0.01,
-                                                                                                 40000, True)
+    assert (sine.inner_lr, sine.meta_batch_size, sine.meta_lr, sine.iterations, sine.cosine) == (
+        0.01,
+        25,
+        0.01,
+        40000,
+        True,
+    )
     nav = families.NavigationConfig()
     assert (nav.metarl.outer_epochs, nav.metarl.cosine, nav.metarl.std_lr, nav.iterations) == (1, True, 1e-2, 300)
 
 
 def test_command_line_trains_evaluates_and_refuses_bad_input(tmp_path, capsys):
     out = tmp_path / "nav.pt"
-    args = ["train", "navigation", "--out", out, "--iterations", "2", "--meta-batch-size", "2",
-            "--num-trajectories", "2", "--hidden", "8", "--horizon", "10", "--no-progress"]
+    args = [
+        "train",
+        "navigation",
+        "--out",
+        out,
+        "--iterations",
+        "2",
+        "--meta-batch-size",
+        "2",
+        "--num-trajectories",
+        "2",
+        "--hidden",
+        "8",
+        "--horizon",
+        "10",
+        "--no-progress",
+    ]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0 and "trained navigation for 2 iterations" in stdout, err
-    code, stdout, _ = run_cli(["evaluate", "navigation", "--checkpoint", out, "--trajectories", "2",
-                               "--inner-lrs", "0.1"], capsys)
+    code, stdout, _ = run_cli(
+        ["evaluate", "navigation", "--checkpoint", out, "--trajectories", "2", "--inner-lrs", "0.1"], capsys
+    )
     assert code == 0 and "1 steps: mean return" in stdout
     code, _, err = run_cli(args, capsys)  # exists
     assert code == 2 and "pass --resume" in err and len(err.strip().splitlines()) == 1

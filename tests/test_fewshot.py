@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from metabp import faces
-from metabp import protonet
+from metabp import faces, protonet
 from metabp.bilevel import InnerLoop, adapt, get_params, make_optimizer, max_abs_difference, meta_gradient
 from metabp.convnet import Conv4, TaskBatchNorm2d, vmap_safe
 from metabp.episodes import EpisodeSampler
@@ -168,9 +167,15 @@ def test_resume_refuses_another_configuration(classes, tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, name",
-    [(dict(algorithm="reptile"), "algorithm"), (dict(background="small3"), "background"),
-     (dict(ways=1), "ways"), (dict(hidden=0), "hidden"), (dict(inner_lr=-0.1), "inner_lr"),
-     (dict(iterations=0), "iterations"), (dict(cosine="yes"), "cosine")],
+    [
+        (dict(algorithm="reptile"), "algorithm"),
+        (dict(background="small3"), "background"),
+        (dict(ways=1), "ways"),
+        (dict(hidden=0), "hidden"),
+        (dict(inner_lr=-0.1), "inner_lr"),
+        (dict(iterations=0), "iterations"),
+        (dict(cosine="yes"), "cosine"),
+    ],
 )
 def test_bad_configuration_is_named(kwargs, name):
     with pytest.raises(ValueError, match=name):

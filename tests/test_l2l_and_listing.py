@@ -45,7 +45,7 @@ def test_the_learn2learn_path_takes_the_same_inner_loop_anil_included(first_orde
 
 
 def test_learn2learn_import_is_quiet(capfd):
-    import importlib, sys
+    import sys
 
     for mod in [m for m in sys.modules if m == "learn2learn" or m.startswith(("learn2learn.", "gym"))]:
         del sys.modules[mod]
@@ -69,8 +69,9 @@ def test_article_listing_leaves_the_meta_learner_exactly_unchanged():
     before = {k: v.clone() for k, v in meta_learner.state_dict().items()}
     opt = torch.optim.Adam(meta_learner.parameters(), lr=0.1)
     # what it returns is the true post-adaptation query loss (of a meta-learner that never moves)
-    want = meta_loss(meta_learner, get_params(meta_learner), batch, InnerLoop("cross_entropy", 0.1, 2),
-                     vectorize=False).item()
+    want = meta_loss(
+        meta_learner, get_params(meta_learner), batch, InnerLoop("cross_entropy", 0.1, 2), vectorize=False
+    ).item()
     for _ in range(3):
         loss = article_meta_step(meta_learner, opt, batch, make, inner_lr=0.1, inner_steps=2)
         assert loss == pytest.approx(want, rel=1e-5, abs=0)

@@ -77,7 +77,10 @@ def _build_in_clone(tmp_path: Path, remote: str | None) -> Path:
     env["PYTHONPATH"] = str(clone / "src")
     result = subprocess.run(
         ["make", "-o", str(venv / ".installed"), "book", f"VENV={venv}"],
-        cwd=clone, env=env, capture_output=True, text=True,
+        cwd=clone,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return clone / "_build" / "html"

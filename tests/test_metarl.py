@@ -8,10 +8,29 @@ from torch.func import functional_call, vmap
 
 from metabp import faces
 from metabp.bilevel import InnerLoop
-from metabp.metarl import (MetaRL, adapt, adaptation_returns, adapted_without_graph, choose_step_sizes, meta_train,
-                           outer_loss, support_steps, surrogate)
-from metabp.navigation import (GaussianMLPPolicy, Navigation2D, Steps, distribution, linear_baseline, pack, returns_to_go,
-                               rollout, rollout_lockstep, rollout_steps)
+from metabp.metarl import (
+    MetaRL,
+    adapt,
+    adaptation_returns,
+    adapted_without_graph,
+    choose_step_sizes,
+    meta_train,
+    outer_loss,
+    support_steps,
+    surrogate,
+)
+from metabp.navigation import (
+    GaussianMLPPolicy,
+    Navigation2D,
+    Steps,
+    distribution,
+    linear_baseline,
+    pack,
+    returns_to_go,
+    rollout,
+    rollout_lockstep,
+    rollout_steps,
+)
 
 
 def params_of(policy, dtype=None):
@@ -27,7 +46,9 @@ def test_step_clips_velocity_and_rewards_negative_distance():
     assert torch.allclose(pos, torch.tensor([0.1, -0.03]))
     assert reward.item() == pytest.approx(-math.hypot(0.2, 0.43), abs=1e-6)
     assert not done
-    _, squared, _ = Navigation2D(reward="squared").step(torch.zeros(2), torch.tensor([0.5, -0.03]), torch.tensor([0.3, 0.4]))
+    _, squared, _ = Navigation2D(reward="squared").step(
+        torch.zeros(2), torch.tensor([0.5, -0.03]), torch.tensor([0.3, 0.4])
+    )
     assert squared.item() == pytest.approx(-(0.2**2 + 0.43**2), abs=1e-6)
 
 
@@ -87,7 +108,9 @@ class Scripted(torch.nn.Module):
 def test_rollout_starts_at_origin_masks_after_termination_and_freezes_position():
     goal = torch.tensor([[0.25, -0.15]])
     env = Navigation2D(horizon=10)
-    traj = rollout(env, Scripted(goal[0]), {"log_std": torch.full((2,), -12.0)}, goal, 3, torch.Generator().manual_seed(0))
+    traj = rollout(
+        env, Scripted(goal[0]), {"log_std": torch.full((2,), -12.0)}, goal, 3, torch.Generator().manual_seed(0)
+    )
     assert traj.obs.shape == (1, 3, 10, 2) and torch.equal(traj.obs[:, :, 0], torch.zeros(1, 3, 2))
     # clipped to 0.1 per coordinate: (0.1, -0.1), (0.2, -0.15), (0.25, -0.15): done at step 3
     assert torch.equal(traj.mask[0, 0], torch.tensor([1.0, 1, 1, 0, 0, 0, 0, 0, 0, 0]))
@@ -190,10 +213,10 @@ def test_rollout_lockstep_is_the_vectorised_sampler_written_out(batched):
         assert int(traj.kept()[i].sum()) == len(paths)
         for n, (_, _, steps) in enumerate(paths):
             assert int(lengths[i, n]) == len(steps)
-            assert torch.allclose(traj.obs[i, n, :len(steps)], torch.stack([o for o, _, _ in steps]), atol=1e-6)
-            assert torch.allclose(traj.act[i, n, :len(steps)], torch.stack([a for _, a, _ in steps]), atol=1e-6)
-            assert torch.allclose(traj.reward[i, n, :len(steps)], torch.tensor([r for _, _, r in steps]), atol=1e-6)
-        assert bool((traj.mask[i, len(paths):] == 0).all())
+            assert torch.allclose(traj.obs[i, n, : len(steps)], torch.stack([o for o, _, _ in steps]), atol=1e-6)
+            assert torch.allclose(traj.act[i, n, : len(steps)], torch.stack([a for _, a, _ in steps]), atol=1e-6)
+            assert torch.allclose(traj.reward[i, n, : len(steps)], torch.tensor([r for _, _, r in steps]), atol=1e-6)
+        assert bool((traj.mask[i, len(paths) :] == 0).all())
 
 
 def test_distribution_is_what_the_policy_module_computes():
@@ -241,7 +264,7 @@ def test_estimator_expectation_on_a_gaussian_bandit(estimator):
     eps = torch.randn(m, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     a = (mu0 + sigma * eps).detach()
     logp = -0.5 * ((a - mu) / sigma) ** 2
-    r = -(a - g) ** 2
+    r = -((a - g) ** 2)
     value = surrogate(logp, logp.detach(), r, torch.ones(m, dtype=torch.float64), estimator)
     (d1,) = torch.autograd.grad(value, mu, create_graph=True)
     (d2,) = torch.autograd.grad(d1, mu)
@@ -277,7 +300,9 @@ def test_meta_gradient_flows_through_the_inner_step_and_matches_finite_differenc
 
     grads = torch.autograd.grad(objective(params), list(params.values()))
     assert all(gr.abs().sum() > 0 for gr in grads)
-    direction = {k: torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=v.dtype) for k, v in params.items()}
+    direction = {
+        k: torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=v.dtype) for k, v in params.items()
+    }
     h = 1e-5
     with torch.no_grad():
         plus = objective({k: v + h * direction[k] for k, v in params.items()})
@@ -359,8 +384,13 @@ def test_cosine_schedule_decays_the_step_sizes_to_zero(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.Adam, "step", spy)
-    meta_train(env, policy, MetaRL(num_trajectories=2, meta_batch_size=2, outer_epochs=1, cosine=True,
-                                   meta_lr=1e-3, std_lr=1e-2), 4, seed=0)
+    meta_train(
+        env,
+        policy,
+        MetaRL(num_trajectories=2, meta_batch_size=2, outer_epochs=1, cosine=True, meta_lr=1e-3, std_lr=1e-2),
+        4,
+        seed=0,
+    )
     assert seen[0] == [1e-3, 1e-2]  # full step sizes first
     assert seen[-1][0] < seen[1][0] < 1e-3 and seen[-1][1] < 1e-2  # then smaller and smaller
 
@@ -385,8 +415,9 @@ def test_choose_step_sizes_returns_the_best_candidate_on_the_validation_goals():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(hidden=8)
     goals = env.sample_goals(3, torch.Generator().manual_seed(0))
-    lrs, table = choose_step_sizes(env, policy, goals, 0.1, [1 / 2, 1 / 4], num_trajectories=2,
-                                   generator=torch.Generator().manual_seed(1))
+    lrs, table = choose_step_sizes(
+        env, policy, goals, 0.1, [1 / 2, 1 / 4], num_trajectories=2, generator=torch.Generator().manual_seed(1)
+    )
     assert set(table) == {1 / 2, 1 / 4} and all(len(v) == 4 for v in table.values())
     # the candidates play the same episodes up to the first step they differ in
     assert table[1 / 2][:2] == table[1 / 4][:2]
@@ -401,11 +432,20 @@ def test_choose_step_sizes_returns_the_best_candidate_on_the_validation_goals():
     assert score[best] > score[other] + 1e-6
     assert lrs == [0.1, 0.1 * best, 0.1 * best / 2]
     # the same with batches counted in steps
-    lrs, table = choose_step_sizes(env, policy, goals, 0.1, [1 / 2, 1 / 4], num_trajectories=2,
-                                   generator=torch.Generator().manual_seed(1), min_steps=25)
+    lrs, table = choose_step_sizes(
+        env,
+        policy,
+        goals,
+        0.1,
+        [1 / 2, 1 / 4],
+        num_trajectories=2,
+        generator=torch.Generator().manual_seed(1),
+        min_steps=25,
+    )
     for f in (1 / 2, 1 / 4):
-        out = adaptation_returns(env, policy, goals, [0.1, 0.1 * f, 0.05 * f], 2, torch.Generator().manual_seed(seed),
-                                 min_steps=25)
+        out = adaptation_returns(
+            env, policy, goals, [0.1, 0.1 * f, 0.05 * f], 2, torch.Generator().manual_seed(seed), min_steps=25
+        )
         assert table[f] == pytest.approx([t.mean_return().mean().item() for t in out], abs=1e-5)
         assert all(bool((t.mask.sum((1, 2)) >= 25).all()) for t in out)
     with pytest.raises(ValueError, match="factors"):
@@ -417,8 +457,9 @@ def test_adaptation_in_chunks_equals_one_pass_over_all_tasks():
     torch.manual_seed(0)
     policy = GaussianMLPPolicy(hidden=8)
     params = {k: v.detach() for k, v in policy.named_parameters()}
-    traj = rollout(env, policy, params, env.sample_goals(7, torch.Generator().manual_seed(0)), 3,
-                   torch.Generator().manual_seed(1))
+    traj = rollout(
+        env, policy, params, env.sample_goals(7, torch.Generator().manual_seed(0)), 3, torch.Generator().manual_seed(1)
+    )
     whole = adapt(policy, params, *support_steps(policy, params, traj, 0.99, False), 0.1)
     for chunk in (1, 3, 7, 50):
         pieces = adapted_without_graph(policy, params, traj, 0.1, chunk=chunk)
@@ -435,8 +476,14 @@ def test_without_old_log_probs_the_meta_gradient_is_the_same():
     # At the parameters that played the steps, pi_old is pi itself: support_steps can skip its
     # forward pass (log_probs=False) and adapt/outer_loss take the detached log-probabilities.
     policy, params, spt, qry = small_problem()
-    spt_none = support_steps(policy, params, rollout(Navigation2D(horizon=12), policy, params,
-                                                     torch.zeros(1, 2, dtype=torch.float64), 2), 0.99, False, False)
+    spt_none = support_steps(
+        policy,
+        params,
+        rollout(Navigation2D(horizon=12), policy, params, torch.zeros(1, 2, dtype=torch.float64), 2),
+        0.99,
+        False,
+        False,
+    )
     assert spt_none[1] is None
 
     def objective(p, s, q):

@@ -201,8 +201,12 @@ def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path, signa
         "from metabp.cli import main\n"
         f"sys.exit(main(['train', 'omniglot', '--out', {str(tmp_path / 'm.pt')!r}, '--no-progress']))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(omniglot.__file__).resolve().parents[1]),  # the metabp under test
-           "METABP_DATA": str(tmp_path / "empty"), "METABP_CACHE": str(cache)}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(omniglot.__file__).resolve().parents[1]),  # the metabp under test
+        "METABP_DATA": str(tmp_path / "empty"),
+        "METABP_CACHE": str(cache),
+    }
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from runs_fixture import make_runs, zip_runs
 
 from metabp.data import DataError
 from metabp.omniglot_runs import fetch_runs, load_runs, runs_as_tasks
-from runs_fixture import make_runs, zip_runs
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +45,12 @@ def test_a_missing_run_is_named(tmp_path, runs_dir):
         (lambda run: (run / "test" / "item05.png").unlink(), "item05.png is missing"),
         (lambda run: (run / "class_labels.txt").unlink(), "class_labels.txt is missing"),
         (lambda run: (run / "class_labels.txt").write_text("run03/test/item01.png\n"), "line 1"),
-        (lambda run: (run / "class_labels.txt").write_text(
-            (run / "class_labels.txt").read_text().replace("run03/test/item02.png", "run03/test/item01.png")),
-         "pair each"),
+        (
+            lambda run: (run / "class_labels.txt").write_text(
+                (run / "class_labels.txt").read_text().replace("run03/test/item02.png", "run03/test/item01.png")
+            ),
+            "pair each",
+        ),
     ],
 )
 def test_a_damaged_run_is_a_layout_error(tmp_path, runs_dir, damage, message):

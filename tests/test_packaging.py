@@ -116,7 +116,9 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # complete); --no-isolation: with the installed setuptools instead of downloading one.
     subprocess.run(
         [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(ROOT)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out
 
@@ -139,7 +141,9 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_meta_step(dist: Path, tmp_p
     fresh_site = Path(
         subprocess.run(
             [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
     )
     # Reuse this environment's torch (and pip) instead of downloading gigabytes: its
@@ -151,7 +155,10 @@ def test_wheel_installs_into_a_fresh_venv_and_runs_a_meta_step(dist: Path, tmp_p
     env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME"}}
     install = subprocess.run(
         [str(python), "-m", "pip", "install", "--no-index", "--no-deps", "--no-warn-script-location", str(wheel)],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert install.returncode == 0, install.stdout + install.stderr
     script = textwrap.dedent(

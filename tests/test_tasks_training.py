@@ -32,7 +32,6 @@ def test_sinusoid_ranges_shapes_and_seeding():
     assert not torch.equal(b.x_spt, other.x_spt)
 
 
-
 def test_blob_tasks_labels_and_shapes():
     b = BlobTasks(ways=4, shots=3, queries=2, dim=6).sample(5)
     assert b.x_spt.shape == (5, 12, 6) and b.y_spt.shape == (5, 12)

@@ -51,8 +51,9 @@ def test_meta_train_stops_before_the_update_at_a_non_finite_meta_loss(compile, m
     meta_train(good, SinusoidTasks(), INNER, iterations=2, meta_batch_size=4, meta_lr=0.01, progress=False)
     sampler = PoisonedTasks(at=3)
     with pytest.raises(DivergenceError, match=r"the loss is nan.*inner_lr=0\.01, meta_lr=0\.01") as error:
-        meta_train(poisoned, sampler, INNER, iterations=5, meta_batch_size=4, meta_lr=0.01, progress=False,
-                   compile=compile)
+        meta_train(
+            poisoned, sampler, INNER, iterations=5, meta_batch_size=4, meta_lr=0.01, progress=False, compile=compile
+        )
     assert sampler.calls == 3
     assert len(str(error.value).splitlines()) == 1
     # the parameters are those of the two good meta-steps: the NaN batch updated nothing
@@ -98,8 +99,9 @@ def test_the_omniglot_loop_stops_before_updating_or_saving_at_a_non_finite_loss(
     from metabp.omniglot import load_split
 
     classes = load_split("small1", "train")
-    config = fewshot.FewShotConfig(hidden=8, meta_batch_size=2, iterations=6, queries=2, ways=3, inner_lr=0.4,
-                                   meta_lr=1e-3)
+    config = fewshot.FewShotConfig(
+        hidden=8, meta_batch_size=2, iterations=6, queries=2, ways=3, inner_lr=0.4, meta_lr=1e-3
+    )
     calls = {"n": 0}
 
     class NaNOnTheThird(fewshot.EpisodeSampler):
@@ -130,9 +132,22 @@ def test_an_interrupted_and_resumed_meta_training_ends_bit_identical(kind, tmp_p
         torch.manual_seed(0)
         model = SineNet(hidden=8)
         lrs = init_lrs(model, 0.01) if kind == "meta-sgd" else None
-        history = meta_train(model, SinusoidTasks(), INNER, iterations=7, meta_batch_size=4, meta_lr=0.01,
-                             cosine=True, seed=3, lrs=lrs, progress=False, stop_after=stop_after, resume=resume,
-                             out=out, checkpoint_every=2)
+        history = meta_train(
+            model,
+            SinusoidTasks(),
+            INNER,
+            iterations=7,
+            meta_batch_size=4,
+            meta_lr=0.01,
+            cosine=True,
+            seed=3,
+            lrs=lrs,
+            progress=False,
+            stop_after=stop_after,
+            resume=resume,
+            out=out,
+            checkpoint_every=2,
+        )
         return model, lrs, history
 
     full, full_lrs, full_history = run()
@@ -156,16 +171,30 @@ def test_resume_refuses_a_state_of_another_run():
     model = SineNet(hidden=8)
     history = meta_train(model, SinusoidTasks(), INNER, iterations=1, meta_batch_size=2, progress=False)
     with pytest.raises(ValueError, match="resume"):
-        meta_train(SineNet(hidden=16), SinusoidTasks(), INNER, iterations=2, meta_batch_size=2, progress=False,
-                   resume=history.state)
+        meta_train(
+            SineNet(hidden=16),
+            SinusoidTasks(),
+            INNER,
+            iterations=2,
+            meta_batch_size=2,
+            progress=False,
+            resume=history.state,
+        )
 
 
 def test_meta_train_calls_back_with_the_iteration_and_the_model():
     torch.manual_seed(0)
     model = SineNet(hidden=8)
     seen = []
-    meta_train(model, SinusoidTasks(), INNER, iterations=3, meta_batch_size=2, progress=False,
-               callback=lambda it, m: seen.append((it, m, params_of(m)[0])))
+    meta_train(
+        model,
+        SinusoidTasks(),
+        INNER,
+        iterations=3,
+        meta_batch_size=2,
+        progress=False,
+        callback=lambda it, m: seen.append((it, m, params_of(m)[0])),
+    )
     assert [it for it, _, _ in seen] == [1, 2, 3] and all(m is model for _, m, _ in seen)
     assert not torch.equal(seen[0][2], seen[2][2])
 
@@ -182,15 +211,18 @@ def test_history_records_named_metrics_as_attributes():
 # --- devices ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device"))])
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))],
+)
 def test_meta_train_on_a_device_follows_the_default_run(device):
     runs = []
     for where in (None, device):
         torch.manual_seed(0)
         model = SineNet(hidden=8)
-        meta_train(model, SinusoidTasks(), INNER, iterations=3, meta_batch_size=4, meta_lr=0.01, progress=False,
-                   device=where)
+        meta_train(
+            model, SinusoidTasks(), INNER, iterations=3, meta_batch_size=4, meta_lr=0.01, progress=False, device=where
+        )
         assert all(p.device.type == (where or "cpu") for p in model.parameters())
         runs.append([p.detach().cpu() for p in model.parameters()])
     for a, b in zip(*runs):
@@ -226,8 +258,16 @@ def test_a_compile_failure_falls_back_to_the_eager_run_with_one_warning(works_fo
         model = SineNet(hidden=8)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            history = meta_train(model, SinusoidTasks(), INNER, iterations=4, meta_batch_size=4, meta_lr=0.01,
-                                 progress=False, compile=compile)
+            history = meta_train(
+                model,
+                SinusoidTasks(),
+                INNER,
+                iterations=4,
+                meta_batch_size=4,
+                meta_lr=0.01,
+                progress=False,
+                compile=compile,
+            )
         fallback = [w for w in caught if "torch.compile" in str(w.message)]
         if compile:
             assert len(fallback) == 1 and issubclass(fallback[0].category, RuntimeWarning)

@@ -52,8 +52,9 @@ def test_rotate_by_zero_and_by_a_quarter_turn(digits):
 
 
 def test_pretrained_classifier_learns_its_classes(digits):
-    model, history = transfer.pretrain_classifier(digits, hidden=8, iterations=60, batch_size=32, lr=1e-2,
-                                                  progress=False, cosine=False)
+    model, history = transfer.pretrain_classifier(
+        digits, hidden=8, iterations=60, batch_size=32, lr=1e-2, progress=False, cosine=False
+    )
     assert model.ways == 10 and len(history.loss) == 60
     assert sum(history.loss[-10:]) / 10 < 0.6 * sum(history.loss[:10]) / 10
     x = digits.images[:, :20].flatten(0, 1).unsqueeze(1).float() / 255
@@ -70,7 +71,10 @@ def test_new_head_is_zero_and_the_body_a_copy():
     assert new.head.weight.abs().max() == 0 and new.head.bias.abs().max() == 0
     assert torch.equal(new.features[0].weight, model.features[0].weight)
     assert new.features[0].weight.data_ptr() != model.features[0].weight.data_ptr()
-    fresh_a, fresh_b = transfer.with_new_head(None, 5, hidden=8, seed=3), transfer.with_new_head(None, 5, hidden=8, seed=3)
+    fresh_a, fresh_b = (
+        transfer.with_new_head(None, 5, hidden=8, seed=3),
+        transfer.with_new_head(None, 5, hidden=8, seed=3),
+    )
     assert torch.equal(fresh_a.features[0].weight, fresh_b.features[0].weight)
     with pytest.raises(ValueError, match="model must be a Conv4 or None"):
         transfer.with_new_head(torch.nn.Linear(2, 2), 5)

@@ -1,7 +1,6 @@
 """Bad input raises ValueError naming the argument."""
 
 import pytest
-import torch
 
 from metabp.bilevel import InnerLoop, make_optimizer, meta_loss
 from metabp.data import dataset_dir
@@ -32,7 +31,10 @@ from metabp.training import meta_train
         (lambda: mean_ci([1.0]), "values"),
         (lambda: dataset_dir("../etc"), "name"),
         (lambda: meta_train(SineNet(), SinusoidTasks(), InnerLoop(), iterations=0), "iterations"),
-        (lambda: meta_train(SineNet(), SinusoidTasks(), InnerLoop(), iterations=1, meta_batch_size=0), "meta_batch_size"),
+        (
+            lambda: meta_train(SineNet(), SinusoidTasks(), InnerLoop(), iterations=1, meta_batch_size=0),
+            "meta_batch_size",
+        ),
     ],
 )
 def test_bad_arguments_name_themselves(factory, name):

@@ -35,7 +35,9 @@ def linear_model(dim: int, seed: int = 0) -> nn.Linear:
 def test_reptile_update_equals_hand_computation(use_query):
     dim, alpha, steps, epsilon = 4, 0.05, 3, 0.3
     model = linear_model(dim)
-    batch = linear_regression_tasks(num_tasks=3, shots=6, queries=5, dim=dim, generator=torch.Generator().manual_seed(1))
+    batch = linear_regression_tasks(
+        num_tasks=3, shots=6, queries=5, dim=dim, generator=torch.Generator().manual_seed(1)
+    )
     w = model.weight.detach().T.clone()  # (dim, 1)
 
     adapted = []
@@ -71,13 +73,21 @@ def test_meta_train_with_reptile_step_moves_parameters():
     model = SineNet(hidden=8)
     before = [p.detach().clone() for p in model.parameters()]
     inner = InnerLoop("mse", 0.02, 3)
-    history = meta_train(model, SinusoidTasks(), inner, iterations=3, meta_batch_size=4, progress=False,
-                         step=lambda m, opt, b: reptile_step(m, opt, b, inner))
+    history = meta_train(
+        model,
+        SinusoidTasks(),
+        inner,
+        iterations=3,
+        meta_batch_size=4,
+        progress=False,
+        step=lambda m, opt, b: reptile_step(m, opt, b, inner),
+    )
     assert len(history.loss) == 3
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     with pytest.raises(ValueError, match="step replaces"):
-        meta_train(model, SinusoidTasks(), inner, iterations=1, compile=True, progress=False,
-                   step=lambda m, opt, b: 0.0)
+        meta_train(
+            model, SinusoidTasks(), inner, iterations=1, compile=True, progress=False, step=lambda m, opt, b: 0.0
+        )
 
 
 # ----------------------------------------------------------------------- Meta-SGD
@@ -100,7 +110,9 @@ def test_meta_sgd_gradient_reaches_the_learning_rates():
     # One step theta' = theta - lr * g_s, so d L_q(theta') / d lr = -g_s * grad L_q(theta'), entrywise.
     dim = 3
     model = linear_model(dim, seed=3)
-    batch = linear_regression_tasks(num_tasks=2, shots=5, queries=4, dim=dim, generator=torch.Generator().manual_seed(4))
+    batch = linear_regression_tasks(
+        num_tasks=2, shots=5, queries=4, dim=dim, generator=torch.Generator().manual_seed(4)
+    )
     lrs = init_lrs(model, 0.07)
     loss = meta_loss(model, get_params(model), batch, InnerLoop("mse", 0.5, 1), vectorize=False, lrs=lrs)
     loss.backward()
@@ -119,8 +131,16 @@ def test_meta_train_updates_meta_sgd_learning_rates():
     torch.manual_seed(0)
     model = SineNet(hidden=8)
     lrs = init_lrs(model, 0.01)
-    meta_train(model, SinusoidTasks(), InnerLoop("mse", 0.01, 1), iterations=3, meta_batch_size=4,
-               meta_lr=0.01, lrs=lrs, progress=False)
+    meta_train(
+        model,
+        SinusoidTasks(),
+        InnerLoop("mse", 0.01, 1),
+        iterations=3,
+        meta_batch_size=4,
+        meta_lr=0.01,
+        lrs=lrs,
+        progress=False,
+    )
     assert any(not torch.all(v == 0.01) for v in lrs.values())
 
 
@@ -139,7 +159,9 @@ def test_conjugate_gradient_solves_a_linear_system():
 def test_implicit_meta_gradient_matches_closed_form_on_least_squares():
     dim, lam = 4, 2.0
     model = linear_model(dim, seed=5)
-    batch = linear_regression_tasks(num_tasks=3, shots=8, queries=6, dim=dim, generator=torch.Generator().manual_seed(6))
+    batch = linear_regression_tasks(
+        num_tasks=3, shots=8, queries=6, dim=dim, generator=torch.Generator().manual_seed(6)
+    )
     # enough inner steps for the proximal problem to converge, one CG step per unknown
     inner = InnerLoop("mse", 0.1, 400)
     got, _ = implicit_meta_gradient(model, batch, inner, lam=lam, cg_steps=dim)

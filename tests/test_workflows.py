@@ -28,9 +28,7 @@ def _actionlint() -> str:
 
 
 def _lint(*files: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [_actionlint(), "-no-color", *map(str, files)], capture_output=True, text=True, cwd=ROOT
-    )
+    return subprocess.run([_actionlint(), "-no-color", *map(str, files)], capture_output=True, text=True, cwd=ROOT)
 
 
 def _load(name: str) -> dict:

@@ -109,7 +109,9 @@ def expected_repository() -> str:
 def site_pages() -> list[str]:
     skip = ("_static/", "_sources/", "_images/")
     return sorted(
-        p.relative_to(HTML).as_posix() for p in HTML.rglob("*.html") if not p.relative_to(HTML).as_posix().startswith(skip)
+        p.relative_to(HTML).as_posix()
+        for p in HTML.rglob("*.html")
+        if not p.relative_to(HTML).as_posix().startswith(skip)
     )
 
 
@@ -181,7 +183,9 @@ def server() -> str:
     _require((HTML / "index.html").exists(), f"{HTML} does not exist: build the book first (make book)")
     proc = subprocess.Popen(
         [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(HTML)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         line = proc.stdout.readline()
@@ -240,8 +244,9 @@ def crawl(server: str, browser) -> dict[str, PageReport]:
         page.on("pageerror", lambda e, report=report: report.console_errors.append(str(e)))
         page.on(
             "requestfailed",
-            lambda r, report=report: r.url not in report.blocked_requests
-            and report.failed_requests.append(f"{r.url} ({r.failure})"),
+            lambda r, report=report: (
+                r.url not in report.blocked_requests and report.failed_requests.append(f"{r.url} ({r.failure})")
+            ),
         )
         page.on(
             "response",
@@ -260,8 +265,13 @@ def crawl(server: str, browser) -> dict[str, PageReport]:
             continue
         result = axe.run(page)
         report.violations = [
-            {"id": v["id"], "impact": v["impact"], "help": v["help"], "nodes": len(v["nodes"]),
-             "targets": [n["target"] for n in v["nodes"][:3]]}
+            {
+                "id": v["id"],
+                "impact": v["impact"],
+                "help": v["help"],
+                "nodes": len(v["nodes"]),
+                "targets": [n["target"] for n in v["nodes"][:3]],
+            }
             for v in result.response["violations"]
         ]
         page.close()
@@ -270,9 +280,7 @@ def crawl(server: str, browser) -> dict[str, PageReport]:
     summary = {
         "pages": len(reports),
         "seconds": round(elapsed, 1),
-        "violations": {
-            path: r.violations for path, r in reports.items() if r.violations
-        },
+        "violations": {path: r.violations for path, r in reports.items() if r.violations},
     }
     (HTML.parent / "site-check.json").write_text(json.dumps(summary, indent=1))
     return reports
@@ -395,9 +403,9 @@ def test_reference_covers_every_public_function_and_class() -> None:
         module = importlib.import_module(modname)
         assert modname in documented, f"module {modname} has no reference page"
         public = getattr(module, "__all__", None) or [
-            n for n, obj in vars(module).items()
-            if not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj))
-            and obj.__module__ == modname
+            n
+            for n, obj in vars(module).items()
+            if not n.startswith("_") and (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__ == modname
         ]
         missing += [f"{modname}.{n}" for n in public if f"{modname}.{n}" not in documented]
     assert not missing

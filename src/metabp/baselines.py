@@ -116,8 +116,18 @@ def multitask_train(
         value.backward()
         return value
 
-    history = fit(step, draw, iterations, opt, generator, learning_rates={"lr": lr}, model=net,
-                  progress=progress, desc=desc, mininterval=1.0)
+    history = fit(
+        step,
+        draw,
+        iterations,
+        opt,
+        generator,
+        learning_rates={"lr": lr},
+        model=net,
+        progress=progress,
+        desc=desc,
+        mininterval=1.0,
+    )
     return net, history
 
 
@@ -163,7 +173,9 @@ def fit_from_scratch(
         if module is not fresh and hasattr(module, "reset_parameters"):
             module.reset_parameters()
     b = x.shape[0]
-    params = {k: v.detach().unsqueeze(0).repeat(b, *([1] * v.dim())).requires_grad_() for k, v in fresh.named_parameters()}
+    params = {
+        k: v.detach().unsqueeze(0).repeat(b, *([1] * v.dim())).requires_grad_() for k, v in fresh.named_parameters()
+    }
     opt = torch.optim.Adam(params.values(), lr=lr)
 
     def one(p: dict[str, Tensor], xi: Tensor, yi: Tensor) -> Tensor:

@@ -48,8 +48,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
@@ -101,8 +101,10 @@ class BenchConfig:
     def describe(self) -> str:
         order = "first order" if self.first_order else "second order"
         d = CONFIGS[self.name]
-        return (f"{self.name}: {d['what']} (width {self.width or d['width']}), meta-batch {self.tasks}, "
-                f"{self.inner_steps} inner step(s) of {d['inner_lr']}, {order}")
+        return (
+            f"{self.name}: {d['what']} (width {self.width or d['width']}), meta-batch {self.tasks}, "
+            f"{self.inner_steps} inner step(s) of {d['inner_lr']}, {order}"
+        )
 
 
 CONFIGS = {
@@ -121,8 +123,9 @@ class Problem:
     make_model: Callable[[], nn.Module]
 
 
-def make_problem(config: BenchConfig, seed: int = 0, device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.float32) -> Problem:
+def make_problem(
+    config: BenchConfig, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Problem:
     """The seeded model and meta-batch of ``config`` on ``device``, in ``dtype``
     (the same values in float32 and float64, up to rounding)."""
     if dtype not in (torch.float32, torch.float64):
@@ -133,8 +136,9 @@ def make_problem(config: BenchConfig, seed: int = 0, device: str | torch.device 
     d = CONFIGS[config.name]
     width = config.width or d["width"]
     generator = torch.Generator().manual_seed(seed)
-    inner = InnerLoop("mse" if config.name == "sinusoid" else "cross_entropy", d["inner_lr"],
-                      config.inner_steps, config.first_order)
+    inner = InnerLoop(
+        "mse" if config.name == "sinusoid" else "cross_entropy", d["inner_lr"], config.inner_steps, config.first_order
+    )
     if config.name == "sinusoid":
         batch = SinusoidTasks(shots=10, queries=10).sample(config.tasks, generator)
 
@@ -151,6 +155,7 @@ def make_problem(config: BenchConfig, seed: int = 0, device: str | torch.device 
 
         def make_model() -> nn.Module:
             return Conv4(ways, width).to(device, dtype)
+
     torch.manual_seed(seed)
     model = make_model()
     batch = TaskBatch(*(t.to(device, dtype) if t.is_floating_point() else t.to(device) for t in batch))
@@ -213,8 +218,9 @@ def _listing(problem: Problem) -> Step:
     inner = problem.inner
 
     def step() -> Params | None:
-        article_meta_step(model, optimizer, problem.batch, problem.make_model, inner.inner_lr,
-                          inner.inner_steps, inner.loss)
+        article_meta_step(
+            model, optimizer, problem.batch, problem.make_model, inner.inner_lr, inner.inner_steps, inner.loss
+        )
         grads = {n: p.grad for n, p in model.named_parameters()}
         return None if all(g is None for g in grads.values()) else grads
 
@@ -381,8 +387,10 @@ def run(
     if compile is None:
         compile = config.name == "sinusoid"
         if not compile and "metabp vmap+compile" in chosen:
-            notes.append("metabp vmap+compile: skipped (compiling the vmapped second-order Conv4 step takes "
-                         "minutes on a CPU and did not run faster than eager vmap here; --compile on runs it)")
+            notes.append(
+                "metabp vmap+compile: skipped (compiling the vmapped second-order Conv4 step takes "
+                "minutes on a CPU and did not run faster than eager vmap here; --compile on runs it)"
+            )
     if not compile and "metabp vmap+compile" in chosen:
         chosen.remove("metabp vmap+compile")
     say = log or (lambda _: None)
@@ -414,9 +422,11 @@ def run(
             result.rel_diff = _rel_diff(grads, reference)
             result.check = ("ok" if result.rel_diff < TOLERANCE else "DIFFERS") + f" ({result.rel_diff:.0e})"
             if "vmap" in result.name and _has_batch_norm(check_problem.model):
-                notes.append(f"{result.name}: runs with metabp.convnet.TaskBatchNorm2d in place of nn.BatchNorm2d "
-                             "(same values), because vmap's second derivatives of the built-in batch norm are wrong "
-                             "in this torch (pytorch/functorch#534)")
+                notes.append(
+                    f"{result.name}: runs with metabp.convnet.TaskBatchNorm2d in place of nn.BatchNorm2d "
+                    "(same values), because vmap's second derivatives of the built-in batch norm are wrong "
+                    "in this torch (pytorch/functorch#534)"
+                )
 
     timed = [r for r in results if r.name in builds]
     del builds, check_problem, reference, grads
@@ -462,8 +472,10 @@ def format_report(report: Report) -> str:
     """The report as a text table, with the summary line last."""
     l2l, floor = report.get("learn2learn"), report.floor
     lines = [report.config.describe(), f"device {report.device}, {report.threads} thread(s)"]
-    header = (f"{'implementation':23s} {'meta-gradient (float64)':26s} {'median ms':>10s} {'min ms':>9s} "
-              f"{'tasks/s':>9s} {'peak MiB':>9s} {'GFLOP':>7s} {'vs l2l':>7s} {'vs floor':>8s}")
+    header = (
+        f"{'implementation':23s} {'meta-gradient (float64)':26s} {'median ms':>10s} {'min ms':>9s} "
+        f"{'tasks/s':>9s} {'peak MiB':>9s} {'GFLOP':>7s} {'vs l2l':>7s} {'vs floor':>8s}"
+    )
     lines += [header, "-" * len(header)]
     for r in report.results:
         if not r.times:
@@ -483,8 +495,10 @@ def format_report(report: Report) -> str:
     lines += report.notes
     best = report.fastest_metabp
     if best is not None and floor is not None and best.flops and floor.flops:
-        lines.append(f"counted FLOPs of {best.name} against the floor: {best.flops / floor.flops:.3f} "
-                     "(the ratio its time would have at the floor's arithmetic speed)")
+        lines.append(
+            f"counted FLOPs of {best.name} against the floor: {best.flops / floor.flops:.3f} "
+            "(the ratio its time would have at the floor's arithmetic speed)"
+        )
     line = summary_line(report)
     if line:
         lines.append(line)
@@ -496,8 +510,10 @@ def summary_line(report: Report) -> str | None:
     best, l2l, floor = report.fastest_metabp, report.get("learn2learn"), report.floor
     if best is None or l2l is None or floor is None:
         return None
-    return (f"{report.config.name} ratio_vs_learn2learn: {report.ratio(best, l2l):.3f} "
-            f"ratio_vs_floor: {report.ratio(best, floor):.2f}")
+    return (
+        f"{report.config.name} ratio_vs_learn2learn: {report.ratio(best, l2l):.3f} "
+        f"ratio_vs_floor: {report.ratio(best, floor):.2f}"
+    )
 
 
 def machine_description() -> str:

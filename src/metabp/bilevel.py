@@ -47,8 +47,9 @@ both (``model.to("cuda")``, ``batch.to("cuda")``; the task samplers take
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,11 +84,11 @@ class TaskBatch(NamedTuple):
     def num_tasks(self) -> int:
         return self.x_spt.shape[0]
 
-    def task(self, i: int) -> "TaskBatch":
+    def task(self, i: int) -> TaskBatch:
         """Task ``i`` alone, still with a task dimension of size 1."""
         return TaskBatch(*(t[i : i + 1] for t in self))
 
-    def to(self, *args, **kwargs) -> "TaskBatch":
+    def to(self, *args, **kwargs) -> TaskBatch:
         """Every tensor through ``Tensor.to(*args, **kwargs)``, labels included.
 
         Use it to move a batch to a device (``batch.to("cuda")``, with the model moved
@@ -96,7 +97,7 @@ class TaskBatch(NamedTuple):
         """
         return TaskBatch(*(t.to(*args, **kwargs) for t in self))
 
-    def cast(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> "TaskBatch":
+    def cast(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> TaskBatch:
         """The floating-point tensors cast to ``dtype`` and every tensor moved to ``device``
         (``None``: unchanged); integer labels keep their dtype."""
         return TaskBatch(*(t.to(device=device, dtype=dtype if t.is_floating_point() else None) for t in self))
@@ -113,22 +114,21 @@ def check_task_batch(batch: TaskBatch) -> TaskBatch:
             raise ValueError(f"{name} must be a tensor of shape (tasks, examples, ...), got {shape}")
     b = batch.x_spt.shape[0]
     if b == 0:
-        raise ValueError(f"batch must hold at least one task, got an empty meta-batch: x_spt {tuple(batch.x_spt.shape)}")
+        raise ValueError(
+            f"batch must hold at least one task, got an empty meta-batch: x_spt {tuple(batch.x_spt.shape)}"
+        )
     for name, t in zip(names, batch):
         if t.shape[0] != b:
             raise ValueError(f"{name} has {t.shape[0]} tasks but x_spt has {b}; all four must agree")
     for name in ("x_spt", "x_qry"):
         if getattr(batch, name).shape[1] == 0:
-            raise ValueError(f"{name} must hold at least one example per task, got shape "
-                             f"{tuple(getattr(batch, name).shape)}")
+            raise ValueError(
+                f"{name} must hold at least one example per task, got shape {tuple(getattr(batch, name).shape)}"
+            )
     if batch.x_spt.shape[1] != batch.y_spt.shape[1]:
-        raise ValueError(
-            f"x_spt has {batch.x_spt.shape[1]} examples per task but y_spt has {batch.y_spt.shape[1]}"
-        )
+        raise ValueError(f"x_spt has {batch.x_spt.shape[1]} examples per task but y_spt has {batch.y_spt.shape[1]}")
     if batch.x_qry.shape[1] != batch.y_qry.shape[1]:
-        raise ValueError(
-            f"x_qry has {batch.x_qry.shape[1]} examples per task but y_qry has {batch.y_qry.shape[1]}"
-        )
+        raise ValueError(f"x_qry has {batch.x_qry.shape[1]} examples per task but y_qry has {batch.y_qry.shape[1]}")
     if batch.x_spt.shape[2:] != batch.x_qry.shape[2:]:
         raise ValueError(
             f"x_spt examples have shape {tuple(batch.x_spt.shape[2:])} but x_qry examples have "
@@ -141,8 +141,10 @@ def mse_loss(prediction: Tensor, target: Tensor) -> Tensor:
     """``F.mse_loss`` that refuses targets of another shape than the prediction
     (which it would broadcast into a wrong loss)."""
     if prediction.shape != target.shape:
-        raise ValueError(f"the MSE target has shape {tuple(target.shape)} but the prediction has "
-                         f"{tuple(prediction.shape)}; y_spt and y_qry must match the model's output")
+        raise ValueError(
+            f"the MSE target has shape {tuple(target.shape)} but the prediction has "
+            f"{tuple(prediction.shape)}; y_spt and y_qry must match the model's output"
+        )
     return F.mse_loss(prediction, target)
 
 
@@ -218,8 +220,9 @@ def check_adapt_names(names: nn.Module | Iterable[str], inner: InnerLoop) -> Non
     names = [n for n, _ in names.named_parameters()] if isinstance(names, nn.Module) else list(names)
     for a in inner.adapt_only:
         if not any(n == a or n.startswith(a + ".") for n in names):
-            raise ValueError(f"adapt_only={inner.adapt_only!r}: {a!r} matches no parameter of the model; "
-                             f"names are {names}")
+            raise ValueError(
+                f"adapt_only={inner.adapt_only!r}: {a!r} matches no parameter of the model; names are {names}"
+            )
 
 
 def check_inputs(params: Mapping[str, Tensor], batch: TaskBatch) -> None:
@@ -230,11 +233,15 @@ def check_inputs(params: Mapping[str, Tensor], batch: TaskBatch) -> None:
         raise ValueError("params must hold at least one tensor")
     for name, t in zip(TaskBatch._fields, batch):
         if t.device != p.device:
-            raise ValueError(f"batch.{name} is on {t.device} but the parameters are on {p.device}; "
-                             f"move one of them (batch.to(device), model.to(device))")
+            raise ValueError(
+                f"batch.{name} is on {t.device} but the parameters are on {p.device}; "
+                f"move one of them (batch.to(device), model.to(device))"
+            )
         if t.is_floating_point() and t.dtype != p.dtype:
-            raise ValueError(f"batch.{name} has dtype {t.dtype} but the parameters have {p.dtype}; "
-                             f"cast the batch with batch.cast({p.dtype}) or the model with model.to({t.dtype})")
+            raise ValueError(
+                f"batch.{name} has dtype {t.dtype} but the parameters have {p.dtype}; "
+                f"cast the batch with batch.cast({p.dtype}) or the model with model.to({t.dtype})"
+            )
 
 
 def check_lrs(lrs: Mapping[str, Tensor] | None, params: Mapping[str, Tensor], inner: InnerLoop) -> None:
@@ -243,8 +250,9 @@ def check_lrs(lrs: Mapping[str, Tensor] | None, params: Mapping[str, Tensor], in
         return
     missing = [k for k in params if inner.adapts(k) and k not in lrs]
     if missing:
-        raise ValueError(f"lrs has no step size for the adapted parameters {missing}; make it with "
-                         f"init_lrs(model, value, inner)")
+        raise ValueError(
+            f"lrs has no step size for the adapted parameters {missing}; make it with init_lrs(model, value, inner)"
+        )
 
 
 #: Phrases of torch's errors for an input of the wrong size for a layer.
@@ -254,8 +262,10 @@ _SHAPE_ERRORS = ("cannot be multiplied", "expected input", "channels", "size mis
 def _input_error(error: RuntimeError, batch: TaskBatch) -> ValueError | None:
     message = str(error).strip().splitlines()[0] if str(error).strip() else ""
     if any(phrase in message for phrase in _SHAPE_ERRORS):
-        return ValueError(f"batch.x_spt examples of shape {tuple(batch.x_spt.shape[2:])} do not fit the model "
-                          f"(wrong feature size or channel count?): {message}")
+        return ValueError(
+            f"batch.x_spt examples of shape {tuple(batch.x_spt.shape[2:])} do not fit the model "
+            f"(wrong feature size or channel count?): {message}"
+        )
     return None
 
 
@@ -326,7 +336,7 @@ def inner_step(
 
 # Models whose step sizes init_lrs made (Meta-SGD), so that evaluation does not
 # silently fall back to the scalar inner_lr for them.
-_LEARNED_LRS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_LEARNED_LRS: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
 
 
 def init_lrs(model: nn.Module, value: float, inner: InnerLoop | None = None) -> Params:
@@ -425,35 +435,51 @@ def check_vmap(model: nn.Module, inner: InnerLoop) -> None:
             raise ValueError(
                 f"the batch norm {name!r} keeps running statistics, which the inner loop cannot update "
                 f"per task; build it with track_running_stats=False (normalise with each set's own "
-                f"statistics, as MAML does) or call model.eval() to use fixed statistics")
+                f"statistics, as MAML does) or call model.eval() to use fixed statistics"
+            )
         if isinstance(module, nn.modules.dropout._DropoutNd):
             raise ValueError(
                 f"vectorize=True cannot run the dropout layer {name!r}: vmap refuses random operations "
-                f"in this torch; use vectorize=False (the loop over tasks) or call model.eval()")
-        if (not inner.first_order and inner.inner_steps > 0
-                and isinstance(module, VMAP_WRONG_SECOND_ORDER)):
-            remedy = ("vectorize=False, first_order=True, or metabp.convnet.vmap_safe(model)"
-                      if isinstance(module, nn.BatchNorm2d) and module.affine else "vectorize=False or first_order=True")
-            kind = ("layer norm" if isinstance(module, nn.LayerNorm) else "batch norm"
-                    if isinstance(module, nn.modules.batchnorm._BatchNorm) else "instance norm")
+                f"in this torch; use vectorize=False (the loop over tasks) or call model.eval()"
+            )
+        if not inner.first_order and inner.inner_steps > 0 and isinstance(module, VMAP_WRONG_SECOND_ORDER):
+            remedy = (
+                "vectorize=False, first_order=True, or metabp.convnet.vmap_safe(model)"
+                if isinstance(module, nn.BatchNorm2d) and module.affine
+                else "vectorize=False or first_order=True"
+            )
+            kind = (
+                "layer norm"
+                if isinstance(module, nn.LayerNorm)
+                else "batch norm"
+                if isinstance(module, nn.modules.batchnorm._BatchNorm)
+                else "instance norm"
+            )
             raise ValueError(
                 f"vectorize=True with a second-order inner loop is not exact through the built-in {kind} {name!r} "
-                f"(torch's vmap rule for its backward is wrong, pytorch/functorch#534); use {remedy}")
+                f"(torch's vmap rule for its backward is wrong, pytorch/functorch#534); use {remedy}"
+            )
 
 
 def check_running_stats(model: nn.Module) -> None:
     """Refuse batch norm that keeps running statistics in training mode (see :func:`check_vmap`)."""
     for name, module in model.named_modules():
-        if (module.training and isinstance(module, nn.modules.batchnorm._BatchNorm)
-                and module.track_running_stats):
+        if module.training and isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
             raise ValueError(
                 f"the batch norm {name!r} keeps running statistics, which the inner loop cannot update "
                 f"per task; build it with track_running_stats=False (normalise with each set's own "
-                f"statistics, as MAML does) or call model.eval() to use fixed statistics")
+                f"statistics, as MAML does) or call model.eval() to use fixed statistics"
+            )
 
 
-def check_meta_batch(model: nn.Module, params: Mapping[str, Tensor], batch: TaskBatch, inner: InnerLoop,
-                     vectorize: bool, lrs: Mapping[str, Tensor] | None = None) -> None:
+def check_meta_batch(
+    model: nn.Module,
+    params: Mapping[str, Tensor],
+    batch: TaskBatch,
+    inner: InnerLoop,
+    vectorize: bool,
+    lrs: Mapping[str, Tensor] | None = None,
+) -> None:
     """Every check :func:`meta_loss` makes before computing: the batch's shapes, dtype and
     device, the adapted names, Meta-SGD's step sizes, and what each path can run."""
     check_task_batch(batch)
@@ -586,7 +612,10 @@ def make_optimizer(
 
 
 def meta_gradient_fn(
-    model: nn.Module, inner: InnerLoop, vectorize: bool = VECTORIZE, compile: bool = False,
+    model: nn.Module,
+    inner: InnerLoop,
+    vectorize: bool = VECTORIZE,
+    compile: bool = False,
     meta_sgd: bool = False,
 ) -> Callable:
     """A pure function ``(params, batch) -> (meta-gradient dict, meta-loss)``.
@@ -656,8 +685,12 @@ def _compiled_or_eager(fn: Callable) -> Callable:
             use[0] = fn
             lines = str(error).strip().splitlines() or [""]
             reason = f"{type(error).__name__}: {lines[0]}"[:300]
-            warnings.warn(f"torch.compile could not build or run the meta-gradient on this machine ({reason}); "
-                          f"running it eagerly instead (same numbers, slower)", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"torch.compile could not build or run the meta-gradient on this machine ({reason}); "
+                f"running it eagerly instead (same numbers, slower)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return out
 
     return call

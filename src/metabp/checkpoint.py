@@ -47,8 +47,11 @@ def nonfinite(tensors: Any) -> list[str]:
     """Names of the floating-point tensors in the dict ``tensors`` that hold a NaN or an infinity."""
     if not isinstance(tensors, dict):
         return []
-    return [str(k) for k, v in tensors.items()
-            if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        str(k)
+        for k, v in tensors.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def _nonfinite_message(names: list[str]) -> str:
@@ -88,8 +91,11 @@ def load(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str
     if not zipfile.is_zipfile(path):
         with open(path, "rb") as f:
             truncated = f.read(4) == b"PK\x03\x04"  # begins as torch.save's zip does, but its end is missing
-        what = "is not a readable checkpoint: it is truncated" if truncated else \
-            "is not a checkpoint: it is not a file written by torch.save"
+        what = (
+            "is not a readable checkpoint: it is truncated"
+            if truncated
+            else "is not a checkpoint: it is not a file written by torch.save"
+        )
         raise CheckpointError(f"{path} {what}")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)

@@ -35,9 +35,9 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -55,12 +55,30 @@ from .fewshot import ALGORITHMS, FewShotConfig
 PRESETS: dict[str, FewShotConfig] = {
     "chapter": FewShotConfig(),
     "maml-paper-5way": FewShotConfig(
-        background="full", ways=5, shots=1, queries=1, hidden=64, inner_lr=0.4, inner_steps=1,
-        meta_batch_size=32, meta_lr=1e-3, iterations=60000, cosine=False,
+        background="full",
+        ways=5,
+        shots=1,
+        queries=1,
+        hidden=64,
+        inner_lr=0.4,
+        inner_steps=1,
+        meta_batch_size=32,
+        meta_lr=1e-3,
+        iterations=60000,
+        cosine=False,
     ),
     "maml-paper-20way": FewShotConfig(
-        background="full", ways=20, shots=1, queries=1, hidden=64, inner_lr=0.1, inner_steps=5,
-        meta_batch_size=16, meta_lr=1e-3, iterations=60000, cosine=False,
+        background="full",
+        ways=20,
+        shots=1,
+        queries=1,
+        hidden=64,
+        inner_lr=0.1,
+        inner_steps=5,
+        meta_batch_size=16,
+        meta_lr=1e-3,
+        iterations=60000,
+        cosine=False,
     ),
 }
 
@@ -96,8 +114,12 @@ def _seed(text: str) -> int:
 
 def _add_config_options(p: argparse.ArgumentParser) -> None:
     """One option per :class:`FewShotConfig` field; unset options keep the preset's value."""
-    p.add_argument("--preset", choices=sorted(PRESETS), default="chapter",
-                   help="named configuration to start from (default: chapter)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default="chapter",
+        help="named configuration to start from (default: chapter)",
+    )
     help_text = {
         "algorithm": f"one of {', '.join(ALGORITHMS)}",
         "background": "Omniglot background split: small1, small2 (minimal sets) or full",
@@ -131,8 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     om = families.add_parser("omniglot", help="few-shot classification on Omniglot (chapter 6.1)")
     om.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     om.add_argument("--resume", action="store_true", help="continue the run stored in --out")
-    om.add_argument("--checkpoint-every", type=int, default=250, metavar="N",
-                    help="write the checkpoint every N iterations (default 250) and at the end")
+    om.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=250,
+        metavar="N",
+        help="write the checkpoint every N iterations (default 250) and at the end",
+    )
     _add_common(om)
     _add_config_options(om)
     from .cli_families import add_evaluate_parsers, add_train_parsers
@@ -159,8 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     evo.add_argument("--ways", type=int, default=5)
     evo.add_argument("--shots", type=int, default=1)
     evo.add_argument("--queries", type=int, default=5, help="query drawings per class (default 5)")
-    evo.add_argument("--tasks", type=int, default=600,
-                     help=f"test episodes, 2 to {MAX_TASKS} (default 600; built {EVAL_CHUNK} at a time)")
+    evo.add_argument(
+        "--tasks",
+        type=int,
+        default=600,
+        help=f"test episodes, 2 to {MAX_TASKS} (default 600; built {EVAL_CHUNK} at a time)",
+    )
     evo.add_argument("--seed", type=_seed, default=0)
     _add_adaptation(evo)
     _add_common(evo)
@@ -168,36 +199,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     runs = commands.add_parser("evaluate-runs", help="error on Lake et al.'s 20 official one-shot runs")
     runs.add_argument("--checkpoint", required=True, type=Path)
-    runs.add_argument("--runs", type=Path, default=None,
-                      help="folder holding run01 .. run20 (default: download all_runs.zip)")
+    runs.add_argument(
+        "--runs", type=Path, default=None, help="folder holding run01 .. run20 (default: download all_runs.zip)"
+    )
     _add_adaptation(runs)
     _add_common(runs)
 
     from .bench import CONFIGS, IMPLS
 
     bench = commands.add_parser("bench", help="time one MAML meta-step across implementations")
-    bench.add_argument("configs", nargs="*", metavar="CONFIG",
-                       help=f"configurations to run, of {', '.join(CONFIGS)} (default: both)")
-    bench.add_argument("--meta-batch-size", type=int, default=None, metavar="B",
-                       help="tasks per meta-step (default: 25 sinusoid, 16 omniglot)")
+    bench.add_argument(
+        "configs", nargs="*", metavar="CONFIG", help=f"configurations to run, of {', '.join(CONFIGS)} (default: both)"
+    )
+    bench.add_argument(
+        "--meta-batch-size",
+        type=int,
+        default=None,
+        metavar="B",
+        help="tasks per meta-step (default: 25 sinusoid, 16 omniglot)",
+    )
     bench.add_argument("--inner-steps", type=int, default=1, metavar="K", help="inner steps (default 1)")
     bench.add_argument("--first-order", action="store_true", help="first-order MAML (default: second order)")
-    bench.add_argument("--width", type=int, default=None,
-                       help="hidden units (sinusoid, default 40) or filters (omniglot, default 64)")
-    bench.add_argument("--repeats", type=int, default=None, metavar="N",
-                       help="timed rounds (default: 30 sinusoid, 5 omniglot)")
+    bench.add_argument(
+        "--width", type=int, default=None, help="hidden units (sinusoid, default 40) or filters (omniglot, default 64)"
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=None, metavar="N", help="timed rounds (default: 30 sinusoid, 5 omniglot)"
+    )
     bench.add_argument("--warmup", type=int, default=2, metavar="N", help="untimed calls first (default 2)")
-    bench.add_argument("--impls", default=None, metavar="NAMES",
-                       help="comma-separated subset of: " + ", ".join(i.name for i in IMPLS))
-    bench.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
-                       help="time torch.compile (auto: sinusoid only; it takes minutes on the Conv4)")
+    bench.add_argument(
+        "--impls", default=None, metavar="NAMES", help="comma-separated subset of: " + ", ".join(i.name for i in IMPLS)
+    )
+    bench.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="time torch.compile (auto: sinusoid only; it takes minutes on the Conv4)",
+    )
     bench.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory pass")
     bench.add_argument("--seed", type=_seed, default=0)
     bench.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     bench.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
-    bench.add_argument("--processes", type=int, default=None, metavar="N",
-                       help="instead: time one sharded meta-step with N processes x --threads threads each (gloo) "
-                            "against one process with N x threads threads (metabp.scaling)")
+    bench.add_argument(
+        "--processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="instead: time one sharded meta-step with N processes x --threads threads each (gloo) "
+        "against one process with N x threads threads (metabp.scaling)",
+    )
     return parser
 
 
@@ -208,8 +258,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _add_adaptation(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=None,
-                   help="inner steps at test time (default: 3, or training's if more)")
+    p.add_argument(
+        "--steps", type=int, default=None, help="inner steps at test time (default: 3, or training's if more)"
+    )
     p.add_argument("--inner-lr", type=float, default=None, help="inner step size at test time (default: training's)")
 
 
@@ -235,6 +286,7 @@ def _train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     group = distributed.init(device)
     try:
+
         def decide(resume: bool) -> dict:
             _check_out_folder(args.out)
             if resume:
@@ -248,8 +300,7 @@ def _train(args: argparse.Namespace) -> int:
                         f"drop {', '.join('--' + k.replace('_', '-') for k in clash) or '--preset'}"
                     )
                 _check_resumable(args.out, state, stored)
-                print(f"resuming {args.out} at iteration {state['iteration']} of {stored.iterations}",
-                      file=sys.stderr)
+                print(f"resuming {args.out} at iteration {state['iteration']} of {stored.iterations}", file=sys.stderr)
                 return stored.to_dict()
             _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
             return config.to_dict()
@@ -262,8 +313,9 @@ def _train(args: argparse.Namespace) -> int:
         if group.main:
             group.barrier()
         try:
-            model, history = train(config, classes, args.out, resume, args.checkpoint_every, group.device,
-                                   args.progress, group=group)
+            model, history = train(
+                config, classes, args.out, resume, args.checkpoint_every, group.device, args.progress, group=group
+            )
         except KeyboardInterrupt:
             if group.main:
                 print(f"interrupted; {_what_is_kept(args.out)}", file=sys.stderr)
@@ -273,8 +325,10 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     if group.main:
-        print(f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
-              f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}")
+        print(
+            f"trained {config.algorithm} for {len(history.loss)} iterations in {history.seconds:.0f} s "
+            f"(final meta-loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); checkpoint: {args.out}"
+        )
     return 0
 
 
@@ -318,7 +372,9 @@ def _check_resumable(path: Path, state: dict, config: FewShotConfig) -> None:
     def bad(what: str) -> ValueError:
         return ValueError(f"--resume: {path} cannot be continued: {what}")
 
-    needed = ["iteration", "optimizer", "generator", "torch_rng", "loss", "seconds"] + (["scheduler"] if config.cosine else [])
+    needed = ["iteration", "optimizer", "generator", "torch_rng", "loss", "seconds"] + (
+        ["scheduler"] if config.cosine else []
+    )
     missing = [k for k in needed if state.get(k) is None]
     if missing:
         raise bad(f"it lacks {', '.join(missing)}")
@@ -350,17 +406,27 @@ def _pretrain(args: argparse.Namespace) -> int:
         raise ValueError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {args.background!r}")
     _check_new_out(args.out, "choose another --out")
     _check_out_folder(args.out)
-    settings = {"background": args.background, "hidden": args.hidden, "iterations": args.iterations,
-                "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "cosine": True}
+    settings = {
+        "background": args.background,
+        "hidden": args.hidden,
+        "iterations": args.iterations,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "seed": args.seed,
+        "cosine": True,
+    }
     classes = load_split(args.background, "train")
     try:
-        model, history = pretrain_classifier(classes, args.hidden, args.iterations, args.batch_size, args.lr,
-                                             args.seed, args.progress)
+        model, history = pretrain_classifier(
+            classes, args.hidden, args.iterations, args.batch_size, args.lr, args.seed, args.progress
+        )
     except DivergenceError as err:
         raise ValueError(f"{err}; nothing was written to {args.out}") from None
     save_classifier(args.out, model, history, settings)
-    print(f"pretrained a {model.ways}-class classifier for {args.iterations} iterations in {history.seconds:.0f} s "
-          f"(final loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); written to {args.out}")
+    print(
+        f"pretrained a {model.ways}-class classifier for {args.iterations} iterations in {history.seconds:.0f} s "
+        f"(final loss {sum(history.loss[-50:]) / len(history.loss[-50:]):.3f}); written to {args.out}"
+    )
     return 0
 
 
@@ -379,8 +445,12 @@ def _evaluate(args: argparse.Namespace) -> int:
     from .fewshot import load_model
     from .omniglot import load_split
 
-    for flag, value, low, high in [("--ways", args.ways, 2, None), ("--shots", args.shots, 1, None),
-                                   ("--queries", args.queries, 1, None), ("--tasks", args.tasks, 2, MAX_TASKS)]:
+    for flag, value, low, high in [
+        ("--ways", args.ways, 2, None),
+        ("--shots", args.shots, 1, None),
+        ("--queries", args.queries, 1, None),
+        ("--tasks", args.tasks, 2, MAX_TASKS),
+    ]:
         if value < low or (high is not None and value > high):
             allowed = f"from {low} to {high}" if high is not None else f">= {low}"
             raise ValueError(f"{flag} must be {allowed}, got {value}")
@@ -390,8 +460,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.ways > len(classes):
         raise ValueError(f"--ways must be at most the {len(classes)} held-out classes, got {args.ways}")
     if args.shots + args.queries > classes.drawings:
-        raise ValueError(f"--shots + --queries must be at most the {classes.drawings} drawings per class, "
-                         f"got {args.shots} + {args.queries}")
+        raise ValueError(
+            f"--shots + --queries must be at most the {classes.drawings} drawings per class, "
+            f"got {args.shots} + {args.queries}"
+        )
     sampler = EpisodeSampler(classes, args.ways, args.shots, args.queries)
     generator = torch.Generator().manual_seed(args.seed)
     acc = []
@@ -399,8 +471,10 @@ def _evaluate(args: argparse.Namespace) -> int:
         batch = sampler.sample(min(EVAL_CHUNK, args.tasks - done), generator)
         acc.append(_adapted_accuracy(args, model, config, batch).cpu())
     mean, half = mean_ci(torch.cat(acc))
-    print(f"{config.algorithm} on held-out alphabets {', '.join(classes.alphabets)}: "
-          f"{args.ways}-way {args.shots}-shot accuracy {100 * mean:.2f} +- {100 * half:.2f} % ({args.tasks} tasks)")
+    print(
+        f"{config.algorithm} on held-out alphabets {', '.join(classes.alphabets)}: "
+        f"{args.ways}-way {args.shots}-shot accuracy {100 * mean:.2f} +- {100 * half:.2f} % ({args.tasks} tasks)"
+    )
     return 0
 
 
@@ -430,17 +504,29 @@ def _bench(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     impls = None if args.impls is None else tuple(n.strip() for n in args.impls.split(",") if n.strip())
     compile = {"auto": None, "on": True, "off": False}[args.compile]
-    configs = [BenchConfig(name, args.meta_batch_size, args.inner_steps, args.first_order, args.width)
-               for name in (args.configs or ["sinusoid", "omniglot"])]  # BenchConfig checks the names
+    configs = [
+        BenchConfig(name, args.meta_batch_size, args.inner_steps, args.first_order, args.width)
+        for name in (args.configs or ["sinusoid", "omniglot"])
+    ]  # BenchConfig checks the names
     print(f"metabp bench on {machine_description()}", flush=True)
-    print(f"torch threads: {torch.get_num_threads()}; times per meta-step (meta-gradient of one meta-batch)",
-          flush=True)
+    print(
+        f"torch threads: {torch.get_num_threads()}; times per meta-step (meta-gradient of one meta-batch)", flush=True
+    )
     summaries = []
     for config in configs:
         repeats = args.repeats if args.repeats is not None else (30 if config.name == "sinusoid" else 5)
         print(flush=True)
-        report = run(config, impls, repeats, args.warmup, device, compile, args.memory, args.seed,
-                     log=lambda line: print(line, file=sys.stderr, flush=True))
+        report = run(
+            config,
+            impls,
+            repeats,
+            args.warmup,
+            device,
+            compile,
+            args.memory,
+            args.seed,
+            log=lambda line: print(line, file=sys.stderr, flush=True),
+        )
         text = format_report(report)
         print(text, flush=True)
         summaries += [line for line in text.splitlines() if " ratio_vs_learn2learn: " in line]

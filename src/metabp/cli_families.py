@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from . import distributed
 from .families import CONFIGS
@@ -35,16 +36,20 @@ def add_train_parsers(families: Any, parser_class: type) -> None:
         p = families.add_parser(name, help=HELP[name])
         p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
         p.add_argument("--resume", action="store_true", help="continue the run stored in --out")
-        p.add_argument("--checkpoint-every", type=int, default=CHECKPOINT_EVERY[name], metavar="N",
-                       help=f"write the checkpoint every N iterations (default {CHECKPOINT_EVERY[name]}) and at the end")
+        p.add_argument(
+            "--checkpoint-every",
+            type=int,
+            default=CHECKPOINT_EVERY[name],
+            metavar="N",
+            help=f"write the checkpoint every N iterations (default {CHECKPOINT_EVERY[name]}) and at the end",
+        )
         p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
         p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
         for f in fields(cls):
             flag = "--" + f.name.replace("_", "-")
             kind = _field_type(f)
             if kind is bool:
-                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                               help=f"default {f.default}")
+                p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"default {f.default}")
             else:
                 p.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=f"default {f.default}")
 
@@ -60,7 +65,9 @@ def add_evaluate_parsers(families: Any) -> None:
     s.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     n = families.add_parser("navigation", help="mean return after 0..k adaptation steps on MAML's 40 test goals")
     n.add_argument("--checkpoint", required=True, type=Path)
-    n.add_argument("--inner-lrs", default="0.1,0.05,0.05", help="step size of each adaptation step (default 0.1,0.05,0.05)")
+    n.add_argument(
+        "--inner-lrs", default="0.1,0.05,0.05", help="step size of each adaptation step (default 0.1,0.05,0.05)"
+    )
     n.add_argument("--trajectories", type=int, default=20, help="episodes per goal and step (default 20)")
     n.add_argument("--seed", type=int, default=0)
     n.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
@@ -103,6 +110,7 @@ def train(args: argparse.Namespace) -> int:
     config = replace(cls(), **given)  # checks the values on every rank
     group = distributed.init("cpu")
     try:
+
         def decide(resume: bool) -> dict:
             if resume:
                 from .families import load_model
@@ -110,8 +118,10 @@ def train(args: argparse.Namespace) -> int:
                 _, stored, state = load_model(args.out, args.family)
                 clash = {k: v for k, v in given.items() if getattr(stored, k) != v}
                 if clash:
-                    raise ValueError(f"--resume continues the run in {args.out} with its own configuration; "
-                                     f"drop {', '.join('--' + k.replace('_', '-') for k in clash)}")
+                    raise ValueError(
+                        f"--resume continues the run in {args.out} with its own configuration; "
+                        f"drop {', '.join('--' + k.replace('_', '-') for k in clash)}"
+                    )
                 print(f"resuming {args.out} at iteration {state['iteration']} of {stored.iterations}", file=sys.stderr)
                 return stored.to_dict()
             _check_new_out(args.out, "pass --resume to continue it, or choose another --out")
@@ -123,8 +133,9 @@ def train(args: argparse.Namespace) -> int:
         if group.distributed and group.main:
             print(f"{group.world} processes share each meta-batch of {config.meta_batch_size} tasks", file=sys.stderr)
         try:
-            model, log, seconds = train_family(args.family, config, args.out, resume, args.checkpoint_every,
-                                               args.progress, group)
+            model, log, seconds = train_family(
+                args.family, config, args.out, resume, args.checkpoint_every, args.progress, group
+            )
         except KeyboardInterrupt:
             if group.main:
                 print(f"interrupted; {args.out} holds the last checkpoint; continue with --resume", file=sys.stderr)
@@ -138,8 +149,10 @@ def train(args: argparse.Namespace) -> int:
         else:
             tail = log["after"][-10:]
             what = f"mean return after adaptation over the last {len(tail)} iterations {sum(tail) / len(tail):.2f}"
-        print(f"trained {args.family} for {config.iterations} iterations in {seconds:.0f} s ({what}); "
-              f"checkpoint: {args.out}")
+        print(
+            f"trained {args.family} for {config.iterations} iterations in {seconds:.0f} s ({what}); "
+            f"checkpoint: {args.out}"
+        )
     return 0
 
 

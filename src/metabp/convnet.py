@@ -67,7 +67,8 @@ def vmap_safe(model: nn.Module) -> nn.Module:
                 if not isinstance(child, nn.BatchNorm2d) or child.track_running_stats or not child.affine:
                     raise ValueError(
                         f"vmap_safe handles nn.BatchNorm2d(affine=True, track_running_stats=False) only; "
-                        f"{name!r} is {child!r}")
+                        f"{name!r} is {child!r}"
+                    )
                 swap = TaskBatchNorm2d(child.num_features, child.eps).to(child.weight)
                 with torch.no_grad():
                     swap.weight.copy_(child.weight)
@@ -122,7 +123,7 @@ class Conv4(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.embed(x))
 
-    def with_ways(self, ways: int) -> "Conv4":
+    def with_ways(self, ways: int) -> Conv4:
         """A copy that classifies ``ways`` classes, for tasks of another width than training's.
 
         Labels are assigned to classes at random in every task, so the rows of a

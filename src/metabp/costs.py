@@ -20,7 +20,8 @@ import statistics
 import sys
 import time
 import weakref
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -191,7 +192,7 @@ class SavedTensorMeter:
             del self._count[key]
             self.live_bytes -= self._bytes.pop(key)
 
-    def __enter__(self) -> "SavedTensorMeter":
+    def __enter__(self) -> SavedTensorMeter:
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
         return self

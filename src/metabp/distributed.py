@@ -38,7 +38,8 @@ from __future__ import annotations
 import datetime
 import os
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -113,8 +114,10 @@ class Group:
             return fn()
         except (RuntimeError, dist.DistError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise PeerError(f"rank {self.rank} of {self.world} lost the other processes ({first}); "
-                            "another rank failed: see its error above") from None
+            raise PeerError(
+                f"rank {self.rank} of {self.world} lost the other processes ({first}); "
+                "another rank failed: see its error above"
+            ) from None
         finally:
             self.comm_seconds += time.perf_counter() - began
 
@@ -206,8 +209,10 @@ def init(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> Group
         if device.index is not None:
             raise ValueError(f"under torchrun each process takes cuda:LOCAL_RANK; pass --device cuda, not {device}")
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
-                             "start at most that many processes per node")
+            raise ValueError(
+                f"LOCAL_RANK {local_rank} but this machine has {torch.cuda.device_count()} GPU(s); "
+                "start at most that many processes per node"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -252,17 +257,19 @@ class SummedOptimizer:
             sizes = [p.numel() for p in params]
             has = [p.grad is not None for p in params]
             ref = params[0]
-            flat = torch.cat([(p.grad if h else torch.zeros_like(p)).reshape(-1) * self.weight
-                              for p, h in zip(params, has)]
-                             + [torch.tensor(has, dtype=ref.dtype, device=ref.device)])
+            flat = torch.cat(
+                [(p.grad if h else torch.zeros_like(p)).reshape(-1) * self.weight for p, h in zip(params, has)]
+                + [torch.tensor(has, dtype=ref.dtype, device=ref.device)]
+            )
             self.group.all_sum_(flat)
-            counts = flat[-len(params):]
+            counts = flat[-len(params) :]
             offset = 0
             for p, n, c in zip(params, sizes, counts.tolist()):
-                p.grad = flat[offset:offset + n].view_as(p).clone() if c > 0 else None
+                p.grad = flat[offset : offset + n].view_as(p).clone() if c > 0 else None
                 offset += n
-            check_finite(0.0, [p.grad for p in params], **{f"lr{i}": g["lr"] for i, g in
-                                                           enumerate(self.optimizer.param_groups)})
+            check_finite(
+                0.0, [p.grad for p in params], **{f"lr{i}": g["lr"] for i, g in enumerate(self.optimizer.param_groups)}
+            )
         return self.optimizer.step()
 
 
@@ -304,7 +311,7 @@ class TaskShard:
     def noise(self, shape: Sequence[int], generator: torch.Generator | None, dtype: torch.dtype) -> Tensor:
         """Standard normal noise drawn for all tasks (leading dimension ``total``), this rank's rows."""
         full = torch.randn((self.total,) + tuple(shape[1:]), generator=generator, dtype=dtype)
-        return full[self.start:self.stop]
+        return full[self.start : self.stop]
 
     def any(self, flag: bool) -> bool:
         return self.group.any(flag)
@@ -330,11 +337,20 @@ def shard_iteration(iteration: Callable, group: Group | None) -> Callable:
 
     def sharded(env, policy, optimizer, goals, cfg, generator=None):
         if cfg.count_steps:
-            raise ValueError("count_steps=True is not sharded across processes (a round's length depends on "
-                             "every goal); train it in one process")
+            raise ValueError(
+                "count_steps=True is not sharded across processes (a round's length depends on "
+                "every goal); train it in one process"
+            )
         shard = TaskShard(group, goals.shape[0])
-        return iteration(env, policy, SummedOptimizer(optimizer, group, 1.0), goals[shard.start:shard.stop], cfg,
-                         generator, shard=shard)
+        return iteration(
+            env,
+            policy,
+            SummedOptimizer(optimizer, group, 1.0),
+            goals[shard.start : shard.stop],
+            cfg,
+            generator,
+            shard=shard,
+        )
 
     return sharded
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -72,12 +72,12 @@ class ImageClasses:
         """The distinct characters (``"Alphabet/character"``, rotations merged), sorted."""
         return tuple(sorted({"/".join(n.split("/")[:2]) for n in self.names}))
 
-    def select(self, keep: Callable[[str], bool]) -> "ImageClasses":
+    def select(self, keep: Callable[[str], bool]) -> ImageClasses:
         """The classes whose name satisfies ``keep``."""
         idx = [i for i, n in enumerate(self.names) if keep(n)]
         return ImageClasses(self.images[idx], tuple(self.names[i] for i in idx))
 
-    def with_rotations(self, angles: tuple[int, ...] = ROTATIONS) -> "ImageClasses":
+    def with_rotations(self, angles: tuple[int, ...] = ROTATIONS) -> ImageClasses:
         """Every class again at each angle (multiples of 90 degrees), each a class of its own.
 
         This is MAML's augmentation for Omniglot (after Santoro et al., 2016): a
@@ -91,7 +91,7 @@ class ImageClasses:
         names = tuple(n if a == 0 else f"{n}/rot{a}" for n in self.names for a in angles)
         return ImageClasses(rotated.flatten(0, 1).contiguous(), names)
 
-    def to(self, device: torch.device | str) -> "ImageClasses":
+    def to(self, device: torch.device | str) -> ImageClasses:
         return ImageClasses(self.images.to(device), self.names)
 
 
@@ -108,8 +108,7 @@ def rotate(classes: ImageClasses, degrees: float) -> ImageClasses:
     from torchvision.transforms.v2.functional import rotate as tv_rotate
 
     c, m, h, w = classes.images.shape
-    turned = tv_rotate(classes.images.reshape(c * m, 1, h, w), float(degrees),
-                       interpolation=InterpolationMode.BILINEAR)
+    turned = tv_rotate(classes.images.reshape(c * m, 1, h, w), float(degrees), interpolation=InterpolationMode.BILINEAR)
     suffix = f"/turn{degrees:g}"
     return ImageClasses(turned.reshape(c, m, h, w).contiguous(), tuple(n + suffix for n in classes.names))
 

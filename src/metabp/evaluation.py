@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import math
-from typing import Hashable, Mapping, Sequence, TypeVar
+from collections.abc import Hashable, Mapping, Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .bilevel import (VECTORIZE, InnerLoop, Params, TaskBatch, _input_error, check_meta_batch, forward, get_params,
-                      has_learned_lrs, inner_step)
+from .bilevel import (
+    VECTORIZE,
+    InnerLoop,
+    Params,
+    TaskBatch,
+    _input_error,
+    check_meta_batch,
+    forward,
+    get_params,
+    has_learned_lrs,
+    inner_step,
+)
 from .checks import step_counts
 
 METRICS = ("loss", "accuracy")
@@ -29,8 +40,9 @@ def mean_ci(values: Tensor | Sequence[float], confidence: float = 0.95) -> tuple
         raise ValueError(f"values must hold at least 2 numbers for an interval, got {v.numel()}")
     if not torch.isfinite(v).all():
         bad = v[~torch.isfinite(v)][:3].tolist()
-        raise ValueError(f"values must all be finite numbers, got {int((~torch.isfinite(v)).sum())} that are "
-                         f"not (for example {bad})")
+        raise ValueError(
+            f"values must all be finite numbers, got {int((~torch.isfinite(v)).sum())} that are not (for example {bad})"
+        )
     z = torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(0.5 + confidence / 2, dtype=torch.float64))
     return v.mean().item(), (z * v.std(unbiased=True) / math.sqrt(v.numel())).item()
 
@@ -80,8 +92,10 @@ def adaptation_curve(
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     steps = step_counts("steps", steps)
     if lrs is None and has_learned_lrs(model):
-        raise ValueError("lrs: this model was meta-trained with learned step sizes (init_lrs, Meta-SGD); "
-                         "pass them as lrs=..., or evaluate copy.deepcopy(model) to use inner.inner_lr")
+        raise ValueError(
+            "lrs: this model was meta-trained with learned step sizes (init_lrs, Meta-SGD); "
+            "pass them as lrs=..., or evaluate copy.deepcopy(model) to use inner.inner_lr"
+        )
     params = {k: v.detach() for k, v in (get_params(model) if params is None else params).items()}
     lrs = None if lrs is None else {k: v.detach() for k, v in lrs.items()}
     eval_inner = InnerLoop(inner.loss, inner.inner_lr, inner.inner_steps, True, inner.adapt_only)
@@ -146,8 +160,9 @@ def best_setting(
     for setting, row in scores.items():
         row = torch.as_tensor(row)
         if row.shape != (len(steps),):
-            raise ValueError(f"scores[{setting!r}] must have one value per step count ({len(steps)}), "
-                             f"got shape {tuple(row.shape)}")
+            raise ValueError(
+                f"scores[{setting!r}] must have one value per step count ({len(steps)}), got shape {tuple(row.shape)}"
+            )
         if not torch.isfinite(row).all():
             continue
         signed = row if maximize else -row

@@ -50,9 +50,7 @@ import warnings
 from types import ModuleType
 
 import torch
-from torch import nn
-
-from torch import Tensor
+from torch import Tensor, nn
 
 from .bilevel import InnerLoop, Params, TaskBatch, check_adapt_names, check_task_batch, max_abs_difference  # noqa: F401
 
@@ -164,7 +162,9 @@ def l2l_adapt_policy(maml: nn.Module, steps, old_logp: Tensor, estimator: str = 
 def _check(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -> None:
     check_task_batch(batch)
     if inner.adapt_only is not None:
-        raise ValueError(f"the library faces adapt every parameter; got adapt_only={inner.adapt_only!r} (use metabp.bilevel)")
+        raise ValueError(
+            f"the library faces adapt every parameter; got adapt_only={inner.adapt_only!r} (use metabp.bilevel)"
+        )
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
@@ -188,8 +188,10 @@ def higher_meta_gradient(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -
     total = [torch.zeros_like(p) for p in params]
     num_tasks = batch.num_tasks
     for x_spt, y_spt, x_qry, y_qry in zip(*batch):
-        with higher.innerloop_ctx(model, sgd, copy_initial_weights=False,
-                                  track_higher_grads=not inner.first_order) as (fmodel, diffopt):
+        with higher.innerloop_ctx(model, sgd, copy_initial_weights=False, track_higher_grads=not inner.first_order) as (
+            fmodel,
+            diffopt,
+        ):
             for _ in range(inner.inner_steps):
                 diffopt.step(loss_fn(fmodel(x_spt), y_spt))
             query_loss = loss_fn(fmodel(x_qry), y_qry) / num_tasks

@@ -17,9 +17,10 @@ shared between processes (:func:`metabp.distributed.shard_step`,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,7 +29,6 @@ from tqdm import tqdm
 from . import checkpoint, distributed
 from .bilevel import InnerLoop, get_params, make_optimizer, meta_gradient_fn, meta_step
 from .checks import nonnegative_int, one_of, positive_float, positive_int
-from .training import History
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -95,7 +95,7 @@ class SinusoidConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "SinusoidConfig":
+    def from_dict(cls, values: dict[str, Any]) -> SinusoidConfig:
         return _from_dict(cls, values)
 
 
@@ -136,9 +136,20 @@ class NavigationConfig:
     def metarl(self):
         from .metarl import MetaRL
 
-        return MetaRL(self.inner_lr, self.inner_steps, self.num_trajectories, self.meta_batch_size, self.meta_lr,
-                      self.std_lr if self.std_lr > 0 else None, self.outer_epochs, self.clip, self.gamma,
-                      self.estimator, self.cosine, self.count_steps)
+        return MetaRL(
+            self.inner_lr,
+            self.inner_steps,
+            self.num_trajectories,
+            self.meta_batch_size,
+            self.meta_lr,
+            self.std_lr if self.std_lr > 0 else None,
+            self.outer_epochs,
+            self.clip,
+            self.gamma,
+            self.estimator,
+            self.cosine,
+            self.count_steps,
+        )
 
     @property
     def env(self):
@@ -150,7 +161,7 @@ class NavigationConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "NavigationConfig":
+    def from_dict(cls, values: dict[str, Any]) -> NavigationConfig:
         return _from_dict(cls, values)
 
 
@@ -296,8 +307,14 @@ def train(
     iteration = (_sinusoid_iteration if family == "sinusoid" else _navigation_iteration)(model, config, group)
     end = config.iterations if stop_after is None else min(config.iterations, stop_after)
     began = time.perf_counter() - seconds
-    bar = tqdm(range(start, end), initial=start, total=config.iterations, desc=family,
-               disable=not progress or not main, mininterval=1.0)
+    bar = tqdm(
+        range(start, end),
+        initial=start,
+        total=config.iterations,
+        desc=family,
+        disable=not progress or not main,
+        mininterval=1.0,
+    )
     for it in bar:
         for k, v in iteration(optimizer, generator).items():
             log.setdefault(k, []).append(v)
@@ -305,23 +322,30 @@ def train(
             scheduler.step()
         seconds = time.perf_counter() - began
         if out is not None and main and ((it + 1) % checkpoint_every == 0 or it + 1 == end):
-            checkpoint.save(out, {
-                "family": family,
-                "config": config.to_dict(),
-                "iteration": it + 1,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "scheduler": None if scheduler is None else scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "log": log,
-                "seconds": seconds,
-            })
+            checkpoint.save(
+                out,
+                {
+                    "family": family,
+                    "config": config.to_dict(),
+                    "iteration": it + 1,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": None if scheduler is None else scheduler.state_dict(),
+                    "generator": generator.get_state(),
+                    "log": log,
+                    "seconds": seconds,
+                },
+            )
     bar.close()
     return model, log, seconds
 
 
 def evaluate_sinusoid(
-    model: nn.Module, config: SinusoidConfig, shots: int = 5, tasks: int = 1000, steps: tuple[int, ...] = (0, 1, 10),
+    model: nn.Module,
+    config: SinusoidConfig,
+    shots: int = 5,
+    tasks: int = 1000,
+    steps: tuple[int, ...] = (0, 1, 10),
     seed: int = 2017,
 ) -> dict[int, tuple[float, float]]:
     """Query MSE (mean and 95% half-width) after each number of ``steps`` on ``tasks`` fresh sinusoids.
@@ -334,15 +358,19 @@ def evaluate_sinusoid(
 
     positive_int("shots", shots)
     positive_int("tasks", tasks)
-    test = SinusoidTasks(shots=shots, queries=100).sample(tasks, torch.Generator().manual_seed(seed),
-                                                          DTYPES[config.dtype])
+    test = SinusoidTasks(shots=shots, queries=100).sample(
+        tasks, torch.Generator().manual_seed(seed), DTYPES[config.dtype]
+    )
     curve = adaptation_curve(model, test, config.inner, list(steps))
     return {s: mean_ci(curve[i]) for i, s in enumerate(steps)}
 
 
 def evaluate_navigation(
-    model: nn.Module, config: NavigationConfig, inner_lrs: tuple[float, ...] = (0.1, 0.05, 0.05),
-    trajectories: int = 20, seed: int = 0,
+    model: nn.Module,
+    config: NavigationConfig,
+    inner_lrs: tuple[float, ...] = (0.1, 0.05, 0.05),
+    trajectories: int = 20,
+    seed: int = 0,
 ) -> list[tuple[float, float]]:
     """Mean return (and 95% half-width over goals) after 0..len(inner_lrs) adaptation steps.
 
@@ -359,6 +387,14 @@ def evaluate_navigation(
     positive_int("trajectories", trajectories)
     env = config.env
     goals = env.released_test_goals().to(DTYPES[config.dtype])
-    returns = adaptation_returns(env, model, goals, list(inner_lrs), trajectories,
-                                 torch.Generator().manual_seed(seed), config.estimator, config.gamma)
+    returns = adaptation_returns(
+        env,
+        model,
+        goals,
+        list(inner_lrs),
+        trajectories,
+        torch.Generator().manual_seed(seed),
+        config.estimator,
+        config.gamma,
+    )
     return [mean_ci(t.mean_return()) for t in returns]

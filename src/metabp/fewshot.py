@@ -18,9 +18,10 @@ of an uninterrupted one.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -104,7 +105,7 @@ class FewShotConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "FewShotConfig":
+    def from_dict(cls, values: dict[str, Any]) -> FewShotConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -177,8 +178,10 @@ def accuracy(
     ways = int(batch.y_spt.max()) + 1
     if ways != model.ways:
         model = model.with_ways(ways)
-    inner = config.inner if inner_lr is None else InnerLoop(
-        "cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt_only
+    inner = (
+        config.inner
+        if inner_lr is None
+        else InnerLoop("cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt_only)
     )
     steps = [default_test_steps(config)] if steps is None else list(steps)
     return adaptation_curve(model, batch, inner, steps, metric="accuracy", chunk_size=chunk_size)
@@ -206,7 +209,7 @@ def train(
     progress: bool = True,
     callback: Callable[[int, Conv4], None] | None = None,
     stop_after: int | None = None,
-    group: "distributed.Group | None" = None,
+    group: distributed.Group | None = None,
 ) -> tuple[Conv4, History]:
     """Meta-train a Conv4 on episodes from ``classes`` with ``config``.
 
@@ -252,10 +255,21 @@ def train(
     step = distributed.shard_step(lambda m, o, b: train_step(m, o, b, config), group)
     history = fit(
         lambda batch: step(model, optimizer, batch),
-        lambda gen: sampler(config.meta_batch_size, gen), config.iterations, optimizer, generator, scheduler,
-        updates_itself=True, learning_rates=_learning_rates(config),
+        lambda gen: sampler(config.meta_batch_size, gen),
+        config.iterations,
+        optimizer,
+        generator,
+        scheduler,
+        updates_itself=True,
+        learning_rates=_learning_rates(config),
         callback=None if callback is None else (lambda it, _: callback(it, model)),
-        model=model, resume=state, stop_after=stop_after, save=save, save_every=checkpoint_every,
-        progress=progress and main, desc=config.algorithm, mininterval=1.0,
+        model=model,
+        resume=state,
+        stop_after=stop_after,
+        save=save,
+        save_every=checkpoint_every,
+        progress=progress and main,
+        desc=config.algorithm,
+        mininterval=1.0,
     )
     return model, history

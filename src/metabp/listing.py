@@ -26,7 +26,7 @@ are shown to the reader as such.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn

@@ -21,18 +21,27 @@ on all goals without meta-learning (the paper's "pretrained" baseline).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .bilevel import InnerLoop, get_params, inner_step
+from .bilevel import InnerLoop, Params, get_params, inner_step
 from .checks import nonnegative_int, one_of, positive_float, positive_int
+from .navigation import (
+    Navigation2D,
+    Steps,
+    Trajectories,
+    advantages,
+    log_prob,
+    pack,
+    rollout,
+    rollout_lockstep,
+    rollout_steps,
+)
 from .training import History, fit
-from .navigation import (Navigation2D, Params, Steps, Trajectories, advantages, log_prob, pack, rollout, rollout_lockstep,
-                         rollout_steps)
 
 ESTIMATORS = ("naive", "lvc")
 
@@ -118,7 +127,12 @@ class MetaRL:
 
 
 def support_steps(
-    policy: nn.Module, params: Params, traj: Trajectories, gamma: float, batched: bool, log_probs: bool = True,
+    policy: nn.Module,
+    params: Params,
+    traj: Trajectories,
+    gamma: float,
+    batched: bool,
+    log_probs: bool = True,
 ) -> tuple[Steps, Tensor | None]:
     """Pack ``traj`` with its advantages, and the log-probabilities under ``params`` (detached).
 
@@ -160,8 +174,14 @@ def adapt(
     return vmap(one_task, in_dims=in_dims)(dict(params), *steps, old_logp)
 
 
-def outer_loss(policy: nn.Module, params: Params, steps: Steps, old_logp: Tensor | None, clip: float | None,
-               count: Tensor | None = None) -> Tensor:
+def outer_loss(
+    policy: nn.Module,
+    params: Params,
+    steps: Steps,
+    old_logp: Tensor | None,
+    clip: float | None,
+    count: Tensor | None = None,
+) -> Tensor:
     """Negative (clipped) surrogate of query steps under per-task ``params``, mean over steps.
 
     ``old_logp=None``: the detached ``params`` played ``steps`` (the ratio is then 1).
@@ -177,8 +197,13 @@ def outer_loss(policy: nn.Module, params: Params, steps: Steps, old_logp: Tensor
 
 
 def meta_iteration(
-    env: Navigation2D, policy: nn.Module, optimizer: torch.optim.Optimizer, goals: Tensor,
-    cfg: MetaRL, generator: torch.Generator | None = None, shard=None,
+    env: Navigation2D,
+    policy: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    goals: Tensor,
+    cfg: MetaRL,
+    generator: torch.Generator | None = None,
+    shard=None,
 ) -> tuple[float, float]:
     """Sample, adapt, sample again, and take ``cfg.outer_epochs`` outer steps.
 
@@ -226,9 +251,15 @@ def _mean_return(traj: Trajectories, shard) -> float:
 
 
 def meta_train(
-    env: Navigation2D, policy: nn.Module, cfg: MetaRL, iterations: int, seed: int = 0,
-    callback: Callable[[int, History], None] | None = None, progress: bool = False,
-    resume: dict | None = None, stop_after: int | None = None,
+    env: Navigation2D,
+    policy: nn.Module,
+    cfg: MetaRL,
+    iterations: int,
+    seed: int = 0,
+    callback: Callable[[int, History], None] | None = None,
+    progress: bool = False,
+    resume: dict | None = None,
+    stop_after: int | None = None,
 ) -> History:
     """Meta-train ``policy`` in place for ``iterations`` meta-iterations (fresh goals each), on
     :func:`metabp.training.fit`.
@@ -253,14 +284,34 @@ def meta_train(
         return {"before": before, "after": after}
 
     rates = {"inner_lr": cfg.inner_lr, "meta_lr": cfg.meta_lr, "std_lr": cfg.std_lr or cfg.meta_lr}
-    return fit(step, lambda gen: env.sample_goals(cfg.meta_batch_size, gen), iterations, optimizer, generator,
-               schedule, updates_itself=True, learning_rates=rates, callback=callback, model=policy,
-               resume=resume, stop_after=stop_after, progress=progress, desc="meta-RL", mininterval=1.0)
+    return fit(
+        step,
+        lambda gen: env.sample_goals(cfg.meta_batch_size, gen),
+        iterations,
+        optimizer,
+        generator,
+        schedule,
+        updates_itself=True,
+        learning_rates=rates,
+        callback=callback,
+        model=policy,
+        resume=resume,
+        stop_after=stop_after,
+        progress=progress,
+        desc="meta-RL",
+        mininterval=1.0,
+    )
 
 
 def adapted_without_graph(
-    policy: nn.Module, params: Params, traj: Trajectories, inner_lr: float, estimator: str = "lvc",
-    gamma: float = 0.99, batched: bool = False, chunk: int = 10,
+    policy: nn.Module,
+    params: Params,
+    traj: Trajectories,
+    inner_lr: float,
+    estimator: str = "lvc",
+    gamma: float = 0.99,
+    batched: bool = False,
+    chunk: int = 10,
 ) -> Params:
     """One inner step per task, as :func:`adapt`, for evaluation: no graph, ``chunk`` tasks at a time.
 
@@ -274,16 +325,24 @@ def adapted_without_graph(
     pieces = []
     with torch.no_grad():
         for start in range(0, traj.goal.shape[0], chunk):
-            part = Trajectories(*(x[start:start + chunk] for x in traj))
-            p = {k: v[start:start + chunk] for k, v in params.items()} if batched else params
+            part = Trajectories(*(x[start : start + chunk] for x in traj))
+            p = {k: v[start : start + chunk] for k, v in params.items()} if batched else params
             steps, _ = support_steps(policy, p, part, gamma, batched, log_probs=False)
             pieces.append(adapt(policy, p, steps, None, inner_lr, estimator, batched))
     return {k: torch.cat([piece[k] for piece in pieces]) for k in pieces[0]}
 
 
 def _play(
-    env: Navigation2D, policy: nn.Module, params: Params, goals: Tensor, num_trajectories: int, min_steps: int | None,
-    generator: torch.Generator | None, batched: bool, lockstep: bool = False, shard=None,
+    env: Navigation2D,
+    policy: nn.Module,
+    params: Params,
+    goals: Tensor,
+    num_trajectories: int,
+    min_steps: int | None,
+    generator: torch.Generator | None,
+    batched: bool,
+    lockstep: bool = False,
+    shard=None,
 ) -> Trajectories:
     """``num_trajectories`` episodes per goal, or (``min_steps`` set) :func:`rollout_steps` in rounds of that many,
     or (``lockstep`` too) :func:`rollout_lockstep` on that many slots."""
@@ -297,9 +356,18 @@ def _play(
 
 
 def _continue_adaptation(
-    env: Navigation2D, policy: nn.Module, params: Params, batched: bool, last: Trajectories,
-    inner_lrs: Sequence[float], num_trajectories: int, generator: torch.Generator | None, estimator: str, gamma: float,
-    min_steps: int | None = None, lockstep: bool = False,
+    env: Navigation2D,
+    policy: nn.Module,
+    params: Params,
+    batched: bool,
+    last: Trajectories,
+    inner_lrs: Sequence[float],
+    num_trajectories: int,
+    generator: torch.Generator | None,
+    estimator: str,
+    gamma: float,
+    min_steps: int | None = None,
+    lockstep: bool = False,
 ) -> tuple[list[Trajectories], Params]:
     """From ``params`` and the episodes ``last`` they played: one step and one rollout per step size.
 
@@ -315,22 +383,37 @@ def _continue_adaptation(
 
 
 def _adaptation(
-    env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float], num_trajectories: int,
-    generator: torch.Generator | None, estimator: str, gamma: float, min_steps: int | None = None,
+    env: Navigation2D,
+    policy: nn.Module,
+    goals: Tensor,
+    inner_lrs: Sequence[float],
+    num_trajectories: int,
+    generator: torch.Generator | None,
+    estimator: str,
+    gamma: float,
+    min_steps: int | None = None,
     lockstep: bool = False,
 ) -> tuple[list[Trajectories], Params]:
     """:func:`adaptation_returns`, and the parameters after the last step."""
     p: Params = {k: v.detach() for k, v in get_params(policy).items()}
     first = _play(env, policy, p, goals, num_trajectories, min_steps, generator, False, lockstep)
-    rest, p = _continue_adaptation(env, policy, p, False, first, inner_lrs, num_trajectories, generator, estimator,
-                                   gamma, min_steps, lockstep)
+    rest, p = _continue_adaptation(
+        env, policy, p, False, first, inner_lrs, num_trajectories, generator, estimator, gamma, min_steps, lockstep
+    )
     return [first] + rest, p
 
 
 def adaptation_returns(
-    env: Navigation2D, policy: nn.Module, goals: Tensor, inner_lrs: Sequence[float],
-    num_trajectories: int = 20, generator: torch.Generator | None = None,
-    estimator: str = "lvc", gamma: float = 0.99, min_steps: int | None = None, lockstep: bool = False,
+    env: Navigation2D,
+    policy: nn.Module,
+    goals: Tensor,
+    inner_lrs: Sequence[float],
+    num_trajectories: int = 20,
+    generator: torch.Generator | None = None,
+    estimator: str = "lvc",
+    gamma: float = 0.99,
+    min_steps: int | None = None,
+    lockstep: bool = False,
 ) -> list[Trajectories]:
     """Trajectories after 0, 1, ..., ``len(inner_lrs)`` adaptation steps on each goal.
 
@@ -343,14 +426,23 @@ def adaptation_returns(
     episodes finished when ``min_steps`` is reached (:func:`~metabp.navigation.rollout_lockstep`;
     there: 40). ``result[k].mean_return()`` is each goal's mean return ``(B,)``.
     """
-    return _adaptation(env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma, min_steps,
-                       lockstep)[0]
+    return _adaptation(
+        env, policy, goals, inner_lrs, num_trajectories, generator, estimator, gamma, min_steps, lockstep
+    )[0]
 
 
 def choose_step_sizes(
-    env: Navigation2D, policy: nn.Module, goals: Tensor, first: float, factors: Sequence[float],
-    num_trajectories: int = 20, generator: torch.Generator | None = None, estimator: str = "lvc",
-    gamma: float = 0.99, min_steps: int | None = None, lockstep: bool = False,
+    env: Navigation2D,
+    policy: nn.Module,
+    goals: Tensor,
+    first: float,
+    factors: Sequence[float],
+    num_trajectories: int = 20,
+    generator: torch.Generator | None = None,
+    estimator: str = "lvc",
+    gamma: float = 0.99,
+    min_steps: int | None = None,
+    lockstep: bool = False,
 ) -> tuple[list[float], dict[float, list[float]]]:
     """Pick the step sizes of adaptation steps 2 and 3 on validation goals.
 
@@ -370,14 +462,27 @@ def choose_step_sizes(
     seed = int(torch.randint(2**31 - 1, (1,), generator=generator).item())
     schedules = {positive_float("factor", f): [first, f * first, f * first / 2] for f in factors}
     shared = torch.Generator().manual_seed(seed)
-    start, adapted = _adaptation(env, policy, goals, [first], num_trajectories, shared, estimator, gamma, min_steps,
-                                 lockstep)
+    start, adapted = _adaptation(
+        env, policy, goals, [first], num_trajectories, shared, estimator, gamma, min_steps, lockstep
+    )
     state = shared.get_state()
     table: dict[float, list[float]] = {}
     for f, lrs in schedules.items():
         shared.set_state(state)
-        rest, _ = _continue_adaptation(env, policy, adapted, True, start[1], lrs[1:], num_trajectories, shared,
-                                       estimator, gamma, min_steps, lockstep)
+        rest, _ = _continue_adaptation(
+            env,
+            policy,
+            adapted,
+            True,
+            start[1],
+            lrs[1:],
+            num_trajectories,
+            shared,
+            estimator,
+            gamma,
+            min_steps,
+            lockstep,
+        )
         table[f] = [t.mean_return().mean().item() for t in start + rest]
     best = max(table, key=lambda f: table[f][2] + table[f][3])
     return schedules[best], table

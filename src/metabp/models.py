@@ -26,9 +26,7 @@ class MetaLearner(nn.Module):
         positive_int("input_dim", input_dim)
         positive_int("hidden_dim", hidden_dim)
         positive_int("output_dim", output_dim)
-        self.net = nn.Sequential(
-            nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, output_dim)
-        )
+        self.net = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, output_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

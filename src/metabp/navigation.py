@@ -23,15 +23,15 @@ of Duan et al. (2016) that MAML fits per task.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from .bilevel import Params
 from .checks import one_of, positive_float, positive_int
 
 REWARDS = ("distance", "squared")
@@ -91,8 +91,10 @@ class Navigation2D:
         import numpy as np
 
         if (self.goal_low, self.goal_high) != (-0.5, 0.5):
-            raise ValueError("released_test_goals is defined for goals on [-0.5, 0.5]^2 only, "
-                             f"this environment draws them on [{self.goal_low}, {self.goal_high}]^2")
+            raise ValueError(
+                "released_test_goals is defined for goals on [-0.5, 0.5]^2 only, "
+                f"this environment draws them on [{self.goal_low}, {self.goal_high}]^2"
+            )
         state = np.random.RandomState(1)
         return torch.from_numpy(state.uniform(-0.5, 0.5, size=(40, 2))).float()
 
@@ -129,7 +131,12 @@ class GaussianMLPPolicy(nn.Module):
     """
 
     def __init__(
-        self, obs_dim: int = 2, act_dim: int = 2, hidden: int = 100, action_scale: float = 0.1, init: str = "glorot",
+        self,
+        obs_dim: int = 2,
+        act_dim: int = 2,
+        hidden: int = 100,
+        action_scale: float = 0.1,
+        init: str = "glorot",
     ) -> None:
         super().__init__()
         for name, v in (("obs_dim", obs_dim), ("act_dim", act_dim), ("hidden", hidden)):
@@ -151,7 +158,9 @@ class GaussianMLPPolicy(nn.Module):
         return self.action_scale * self.net(obs), self.action_scale * self.log_std.exp().expand(obs.shape[:-1] + (-1,))
 
 
-def distribution(policy: nn.Module, params: Mapping[str, Tensor], obs: Tensor, batched: bool = False) -> tuple[Tensor, Tensor]:
+def distribution(
+    policy: nn.Module, params: Mapping[str, Tensor], obs: Tensor, batched: bool = False
+) -> tuple[Tensor, Tensor]:
     """``(mean, std)`` of ``policy`` at ``params`` on ``obs``: ``functional_call(policy, params, (obs,))``.
 
     ``batched=False``: one set of parameters for all of ``obs``. ``batched=True``: every
@@ -182,7 +191,9 @@ def gaussian_log_prob(mean: Tensor, std: Tensor, act: Tensor) -> Tensor:
     return (-0.5 * ((act - mean) / std).square() - std.log() - HALF_LOG_2PI).sum(-1)
 
 
-def log_prob(policy: nn.Module, params: Mapping[str, Tensor], obs: Tensor, act: Tensor, batched: bool = False) -> Tensor:
+def log_prob(
+    policy: nn.Module, params: Mapping[str, Tensor], obs: Tensor, act: Tensor, batched: bool = False
+) -> Tensor:
     """Log-density of the (unclipped) actions ``act`` under ``policy`` at ``params``."""
     return gaussian_log_prob(*distribution(policy, params, obs, batched), act)
 
@@ -325,7 +336,7 @@ def rollout_steps(
         out = parts[0].new_zeros((b, width) + parts[0].shape[2:])
         for x, who, first in zip(parts, owners, slots):
             for i, (task, start) in enumerate(zip(who.tolist(), first)):
-                out[task, start:start + x.shape[1]] = x[i]
+                out[task, start : start + x.shape[1]] = x[i]
         return out
 
     obs, act, reward, mask, final = (merge(name) for name in ("obs", "act", "reward", "mask", "final"))

@@ -95,8 +95,9 @@ def write_dir(cache: Path | str | None = None) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DataError(f"cannot create the cache folder {folder} ({err.strerror}); "
-                        "set METABP_CACHE to a writable folder") from None
+        raise DataError(
+            f"cannot create the cache folder {folder} ({err.strerror}); set METABP_CACHE to a writable folder"
+        ) from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise DataError(f"the cache folder {folder} cannot be written; set METABP_CACHE to a writable folder")
     return folder
@@ -184,8 +185,10 @@ def fetch_archive(
     try:
         download_file(url, tmp / filename)
         if not check_integrity(str(tmp / filename), md5):
-            raise DataError(f"the file downloaded from {url} is not the published {filename} (its md5 is not "
-                            f"{md5}); try again, or download it yourself and put it at {where}")
+            raise DataError(
+                f"the file downloaded from {url} is not the published {filename} (its md5 is not "
+                f"{md5}); try again, or download it yourself and put it at {where}"
+            )
         os.replace(tmp / filename, dest / filename)
     except (urllib.error.URLError, OSError) as err:
         raise DataError(
@@ -206,6 +209,7 @@ def check_layout(folder: Path) -> list[tuple[str, str, list[Path]]]:
     Raises:
         DataError: the folder is missing or not in that layout, naming what is wrong.
     """
+
     def wrong(what: str) -> DataError:
         return DataError(
             f"{folder} is not in Omniglot's layout <alphabet>/<character>/<drawing>.png: {what}. "
@@ -235,8 +239,12 @@ def check_layout(folder: Path) -> list[tuple[str, str, list[Path]]]:
     return out
 
 
-def _check_counts(name: str, folder: Path, entries: list[tuple[str, str, list[Path]]],
-                  hint: str = "Delete the folder to have it extracted again from its zip.") -> None:
+def _check_counts(
+    name: str,
+    folder: Path,
+    entries: list[tuple[str, str, list[Path]]],
+    hint: str = "Delete the folder to have it extracted again from its zip.",
+) -> None:
     """DataError unless ``entries`` has the alphabets, characters and drawings of archive ``name``."""
     alphabets, characters = COUNTS[name]
     have = (len({a for a, _, _ in entries}), len(entries), {len(d) for _, _, d in entries})
@@ -263,8 +271,7 @@ def extract(name: str, zip_path: Path, dest: Path) -> Path:
         extract_archive(str(zip_path), str(tmp))
         entries = check_layout(tmp / name)
         _check_counts(name, zip_path, entries, "Delete it and download it again.")
-        manifest = {"archive": name, "md5": ARCHIVES[name],
-                    "characters": {f"{a}/{c}": len(d) for a, c, d in entries}}
+        manifest = {"archive": name, "md5": ARCHIVES[name], "characters": {f"{a}/{c}": len(d) for a, c, d in entries}}
         (tmp / name / MANIFEST).write_text(json.dumps(manifest, indent=0, sort_keys=True) + "\n")
         try:
             os.replace(tmp / name, target)
@@ -272,7 +279,9 @@ def extract(name: str, zip_path: Path, dest: Path) -> Path:
             if not target.is_dir():  # not a concurrent extraction that won the race
                 raise
     except zipfile.BadZipFile:
-        raise DataError(f"{zip_path} is not a valid zip (corrupt or truncated); delete it and download it again") from None
+        raise DataError(
+            f"{zip_path} is not a valid zip (corrupt or truncated); delete it and download it again"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
@@ -293,19 +302,24 @@ def check_extracted(name: str, folder: Path) -> list[tuple[str, str, list[Path]]
         listed = {str(k): int(v) for k, v in manifest["characters"].items()}
         source = (manifest["archive"], manifest["md5"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise DataError(f"{folder} has no readable manifest ({MANIFEST}): it was not extracted by this "
-                        f"library, or not completely. {redo}") from None
+        raise DataError(
+            f"{folder} has no readable manifest ({MANIFEST}): it was not extracted by this "
+            f"library, or not completely. {redo}"
+        ) from None
     if source != (name, ARCHIVES[name]):
         raise DataError(f"{folder} was extracted from {source[0]} (md5 {source[1]}), not {name}.zip. {redo}")
     found = {f"{a}/{c}": len(d) for a, c, d in entries}
     if found != listed:
         missing = sorted(set(listed) - set(found))
         gone = sorted({k.split("/")[0] for k in listed} - {k.split("/")[0] for k in found})
-        what = [f"{len(missing)} of its {len(listed)} characters are missing" if missing else "",
-                f"(the alphabets {', '.join(gone)} entirely)" if gone else "",
-                f"{len(set(found) - set(listed))} characters are not in its manifest" if set(found) - set(listed) else "",
-                "characters hold other numbers of drawings than its manifest lists"
-                if not missing and set(found) == set(listed) else ""]
+        what = [
+            f"{len(missing)} of its {len(listed)} characters are missing" if missing else "",
+            f"(the alphabets {', '.join(gone)} entirely)" if gone else "",
+            f"{len(set(found) - set(listed))} characters are not in its manifest" if set(found) - set(listed) else "",
+            "characters hold other numbers of drawings than its manifest lists"
+            if not missing and set(found) == set(listed)
+            else "",
+        ]
         raise DataError(f"{folder} is incomplete: {' '.join(w for w in what if w)}. {redo}")
     _check_counts(name, folder, entries)
     return entries
@@ -338,8 +352,11 @@ def _read_cache(path: Path, name: str, size: int) -> ImageClasses | None:
             return None
         images, names = blob["images"], tuple(blob["names"])
         alphabets, characters = COUNTS[name]
-        if (tuple(images.shape) != (characters, DRAWINGS, size, size) or len(names) != characters
-                or len({n.split("/")[0] for n in names}) != alphabets):
+        if (
+            tuple(images.shape) != (characters, DRAWINGS, size, size)
+            or len(names) != characters
+            or len({n.split("/")[0] for n in names}) != alphabets
+        ):
             return None
         return ImageClasses(images, names)
     except Exception:  # an unreadable cache is rebuilt, not an error
@@ -375,8 +392,17 @@ def load_archive(
     entries = check_extracted(name, extracted)
     images = torch.stack([torch.stack([decode(p, size) for p in drawings]) for _, _, drawings in entries])
     classes = ImageClasses(images, tuple(f"{a}/{c}" for a, c, _ in entries))
-    atomic_save({"version": CACHE_VERSION, "archive": name, "md5": ARCHIVES[name], "size": size,
-                 "images": images, "names": list(classes.names)}, target)
+    atomic_save(
+        {
+            "version": CACHE_VERSION,
+            "archive": name,
+            "md5": ARCHIVES[name],
+            "size": size,
+            "images": images,
+            "names": list(classes.names),
+        },
+        target,
+    )
     return classes
 
 

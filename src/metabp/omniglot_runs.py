@@ -91,8 +91,10 @@ def load_run(folder: Path, size: int = IMAGE_SIZE) -> OneShotRun:
     train_keys = [f"{name}/training/{f.name}" for f in train_files]
     test_keys = [f"{name}/test/{f.name}" for f in test_files]
     if sorted(answers) != sorted(test_keys) or not set(answers.values()) <= set(train_keys):
-        raise wrong(f"{LABELS_FILE} must pair each of {name}/test/item01.png .. item20.png with one of "
-                    f"{name}/training/class01.png .. class20.png")
+        raise wrong(
+            f"{LABELS_FILE} must pair each of {name}/test/item01.png .. item20.png with one of "
+            f"{name}/training/class01.png .. class20.png"
+        )
     return OneShotRun(
         name,
         torch.stack([_image(f, size) for f in train_files]),
@@ -109,8 +111,9 @@ def load_runs(folder: Path | str, size: int = IMAGE_SIZE) -> list[OneShotRun]:
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise DataError(f"{folder} is a file, not a folder: give the folder that holds run01 .. run20 "
-                        "(all_runs.zip unzipped)")
+        raise DataError(
+            f"{folder} is a file, not a folder: give the folder that holds run01 .. run20 (all_runs.zip unzipped)"
+        )
     if not folder.is_dir():
         raise DataError(f"runs folder {folder} does not exist")
     missing = [r for r in RUNS if not (folder / r).is_dir()]
@@ -165,7 +168,9 @@ def fetch_runs(root: Path | str | None = None, download: bool = True, cache: Pat
         try:
             extract_archive(str(zip_path), str(tmp / "x"))
         except zipfile.BadZipFile:
-            raise DataError(f"{zip_path} is not a valid zip (corrupt or truncated); delete it and download it again") from None
+            raise DataError(
+                f"{zip_path} is not a valid zip (corrupt or truncated); delete it and download it again"
+            ) from None
         found = _find_runs_root(tmp / "x")
         if found is None:
             raise DataError(f"{zip_path} does not unzip to the folders run01 .. run20")

@@ -24,8 +24,13 @@ COLORS = {"outer": "#dbe9f6", "inner": "#fde9cf", "data": "#e4f2e1", "grad": "#c
 def _box(ax: Axes, x: float, y: float, w: float, h: float, text: str, color: str, fontsize: float = 9.5) -> None:
     ax.add_patch(
         FancyBboxPatch(
-            (x - w / 2, y - h / 2), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
-            facecolor=color, edgecolor=COLORS["edge"], linewidth=1.2,
+            (x - w / 2, y - h / 2),
+            w,
+            h,
+            boxstyle="round,pad=0.02,rounding_size=0.08",
+            facecolor=color,
+            edgecolor=COLORS["edge"],
+            linewidth=1.2,
         )
     )
     ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
@@ -65,23 +70,44 @@ def bilevel_diagram(tasks: int = 2, ax: Axes | None = None) -> Figure:
 
     # Shaded band: the inner level (one per task, run independently).
     ax.add_patch(
-        FancyBboxPatch((2.45, rows[-1] - 0.85), 5.95, rows[0] - rows[-1] + 2.0,
-                       boxstyle="round,pad=0.02,rounding_size=0.15", facecolor="#fff8ee",
-                       edgecolor="#e0a458", linewidth=1.0, linestyle="--")
+        FancyBboxPatch(
+            (2.45, rows[-1] - 0.85),
+            5.95,
+            rows[0] - rows[-1] + 2.0,
+            boxstyle="round,pad=0.02,rounding_size=0.15",
+            facecolor="#fff8ee",
+            edgecolor="#e0a458",
+            linewidth=1.0,
+            linestyle="--",
+        )
     )
-    ax.text(5.4, title_y, "inner level: adapt to each task on its support set", ha="center",
-            va="center", fontsize=10.5, color="#a0522d")
+    ax.text(
+        5.4,
+        title_y,
+        "inner level: adapt to each task on its support set",
+        ha="center",
+        va="center",
+        fontsize=10.5,
+        color="#a0522d",
+    )
     ax.text(9.7, title_y, "outer level", ha="center", va="center", fontsize=10.5, color="#1f4e79")
     ax.text(1.0, title_y, "meta-learner", ha="center", va="center", fontsize=10.5, color="#1f4e79")
 
     _box(ax, 1.0, mid, 1.55, 1.0, "meta-parameters\n$\\theta$", COLORS["outer"], 10)
-    _box(ax, 9.7, mid, 2.1, 1.2, "meta-loss\n$\\sum_i \\mathcal{L}_i^{\\mathrm{qry}}(\\theta_i')$",
-         COLORS["outer"], 10)
+    _box(ax, 9.7, mid, 2.1, 1.2, "meta-loss\n$\\sum_i \\mathcal{L}_i^{\\mathrm{qry}}(\\theta_i')$", COLORS["outer"], 10)
 
     for i, y in enumerate(rows, start=1):
-        _box(ax, 4.05, y, 2.7, 0.8,
-             f"inner loop: $\\theta_{i}' = \\theta - \\alpha\\nabla_\\theta"
-             f"\\mathcal{{L}}_{i}^{{\\mathrm{{spt}}}}(\\theta)$", COLORS["inner"], 9)
+        _box(
+            ax,
+            4.05,
+            y,
+            2.7,
+            0.8,
+            f"inner loop: $\\theta_{i}' = \\theta - \\alpha\\nabla_\\theta"
+            f"\\mathcal{{L}}_{i}^{{\\mathrm{{spt}}}}(\\theta)$",
+            COLORS["inner"],
+            9,
+        )
         _box(ax, 4.05, y + 0.95, 1.8, 0.45, f"support set $D_{i}^{{\\mathrm{{spt}}}}$", COLORS["data"], 8.5)
         _box(ax, 6.25, y, 0.9, 0.6, f"$\\theta_{i}'$", COLORS["inner"], 10)
         _box(ax, 7.6, y, 1.3, 0.6, f"$\\mathcal{{L}}_{i}^{{\\mathrm{{qry}}}}(\\theta_{i}')$", COLORS["inner"], 9.5)
@@ -92,15 +118,28 @@ def bilevel_diagram(tasks: int = 2, ax: Axes | None = None) -> Figure:
         _arrow(ax, (6.72, y), (6.93, y))
         _arrow(ax, (7.6, y + 0.71), (7.6, y + 0.32))
         _arrow(ax, (8.27, y), (8.63, mid + (y - mid) * 0.3))
-    ax.text(4.05, rows[-1] - 0.62, "(one inner loop for every task of the meta-batch)", ha="center",
-            va="center", fontsize=8.5, color="#555555")
+    ax.text(
+        4.05,
+        rows[-1] - 0.62,
+        "(one inner loop for every task of the meta-batch)",
+        ha="center",
+        va="center",
+        fontsize=8.5,
+        color="#555555",
+    )
 
     # The meta-gradient: back from the meta-loss, through every inner loop, to theta.
     ax.plot([9.7, 9.7], [mid - 0.62, bottom], color=COLORS["grad"], lw=2, ls="--")
     ax.plot([9.7, 1.0], [bottom, bottom], color=COLORS["grad"], lw=2, ls="--")
     _arrow(ax, (1.0, bottom), (1.0, mid - 0.53), color=COLORS["grad"], lw=2)
-    ax.text(5.35, bottom - 0.38,
-            "meta-gradient $\\nabla_\\theta \\sum_i \\mathcal{L}_i^{\\mathrm{qry}}(\\theta_i')$: "
-            "backpropagation through every inner loop, then an update of $\\theta$",
-            ha="center", va="center", fontsize=9.5, color=COLORS["grad"])
+    ax.text(
+        5.35,
+        bottom - 0.38,
+        "meta-gradient $\\nabla_\\theta \\sum_i \\mathcal{L}_i^{\\mathrm{qry}}(\\theta_i')$: "
+        "backpropagation through every inner loop, then an update of $\\theta$",
+        ha="center",
+        va="center",
+        fontsize=9.5,
+        color=COLORS["grad"],
+    )
     return fig

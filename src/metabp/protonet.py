@@ -13,7 +13,7 @@ batch normalisation sees the whole episode.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

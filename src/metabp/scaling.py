@@ -41,15 +41,17 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     from .bench import BenchConfig, make_problem
     from .bilevel import meta_gradient
 
     group = distributed.init("cpu")
     try:
-        config = BenchConfig(spec["name"], spec["meta_batch_size"], spec["inner_steps"], spec["first_order"],
-                             spec["width"])
+        config = BenchConfig(
+            spec["name"], spec["meta_batch_size"], spec["inner_steps"], spec["first_order"], spec["width"]
+        )
         problem = make_problem(config, spec["seed"])
         model, batch, inner = problem.model, problem.batch, problem.inner
         part, weight = group.take(batch)
@@ -102,9 +104,19 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
         distributed.shutdown()
 
 
-def measure(name: str = "omniglot", processes: int = 2, threads: int = 1, meta_batch_size: int | None = None,
-            inner_steps: int = 1, first_order: bool = False, width: int | None = None, repeats: int = 5,
-            warmup: int = 1, blocks: int = 3, seed: int = 0) -> dict:
+def measure(
+    name: str = "omniglot",
+    processes: int = 2,
+    threads: int = 1,
+    meta_batch_size: int | None = None,
+    inner_steps: int = 1,
+    first_order: bool = False,
+    width: int | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    blocks: int = 3,
+    seed: int = 0,
+) -> dict:
     """Run the comparison; returns per block the times in seconds (see the module's docstring)."""
     from .bench import BenchConfig
 
@@ -117,12 +129,23 @@ def measure(name: str = "omniglot", processes: int = 2, threads: int = 1, meta_b
     config = BenchConfig(name, meta_batch_size, inner_steps, first_order, width)
     if config.tasks < processes:
         raise ValueError(f"meta_batch_size must be at least the number of processes ({processes}), got {config.tasks}")
-    spec = dict(name=name, meta_batch_size=meta_batch_size, inner_steps=inner_steps, first_order=first_order,
-                width=width, seed=seed, threads=threads, repeats=repeats, warmup=warmup, blocks=blocks)
+    spec = dict(
+        name=name,
+        meta_batch_size=meta_batch_size,
+        inner_steps=inner_steps,
+        first_order=first_order,
+        width=width,
+        seed=seed,
+        threads=threads,
+        repeats=repeats,
+        warmup=warmup,
+        blocks=blocks,
+    )
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_worker, (processes, _free_port(), spec, queue), nprocs=processes,
-                                          join=True, start_method="spawn")
+    torch.multiprocessing.start_processes(
+        _worker, (processes, _free_port(), spec, queue), nprocs=processes, join=True, start_method="spawn"
+    )
     result = queue.get()
     result["describe"] = config.describe()
     return result
@@ -130,17 +153,21 @@ def measure(name: str = "omniglot", processes: int = 2, threads: int = 1, meta_b
 
 def format_report(result: dict, processes: int, threads: int) -> str:
     ms = 1000.0
-    lines = [f"{result['describe']}; per-task loop; tasks per process: {result['shares']}",
-             f"reference: 1 process x {processes * threads} threads; sharded: {processes} processes x {threads} thread(s)"]
+    lines = [
+        f"{result['describe']}; per-task loop; tasks per process: {result['shares']}",
+        f"reference: 1 process x {processes * threads} threads; sharded: {processes} processes x {threads} thread(s)",
+    ]
     ratios = []
     for i, row in enumerate(result["rows"], 1):
         ref, step = statistics.median(row["reference"]), statistics.median(row["step"])
         comm, wait = statistics.median(row["comm"]), statistics.median(row["wait"])
         ratios.append(ref / step)
-        lines.append(f"block {i}: 1x{processes * threads} median {ref * ms:.1f} ms (min {min(row['reference']) * ms:.1f}); "
-                     f"{processes}x{threads} median {step * ms:.1f} ms (min {min(row['step']) * ms:.1f}), "
-                     f"communication {comm * ms:.2f} ms ({100 * comm / step:.2f}%), waiting {wait * ms:.1f} ms; "
-                     f"ratio {ref / step:.3f}")
+        lines.append(
+            f"block {i}: 1x{processes * threads} median {ref * ms:.1f} ms (min {min(row['reference']) * ms:.1f}); "
+            f"{processes}x{threads} median {step * ms:.1f} ms (min {min(row['step']) * ms:.1f}), "
+            f"communication {comm * ms:.2f} ms ({100 * comm / step:.2f}%), waiting {wait * ms:.1f} ms; "
+            f"ratio {ref / step:.3f}"
+        )
     ref_all = [t for row in result["rows"] for t in row["reference"]]
     step_all = [t for row in result["rows"] for t in row["step"]]
     share = [c / s for row in result["rows"] for c, s in zip(row["comm"], row["step"])]
@@ -167,16 +194,28 @@ def main(args: argparse.Namespace) -> int:
     names = args.configs or ["omniglot"]
     print(f"metabp bench --processes {args.processes} --threads {threads} on {machine_description()}", flush=True)
     for name in names:
-        result = measure(name, args.processes, threads, args.meta_batch_size, args.inner_steps, args.first_order,
-                         args.width, args.repeats or 5, args.warmup, 3, args.seed)
+        result = measure(
+            name,
+            args.processes,
+            threads,
+            args.meta_batch_size,
+            args.inner_steps,
+            args.first_order,
+            args.width,
+            args.repeats or 5,
+            args.warmup,
+            3,
+            args.seed,
+        )
         print(format_report(result, args.processes, threads), flush=True)
     print(file=sys.stderr, end="")
     return 0
 
 
 def _train_worker(rank: int, world: int, port: int, family: str, config_dict: dict, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     from .families import CONFIGS, train
 
     torch.set_num_threads(1)
@@ -203,10 +242,16 @@ def compare_processes(family: str, config, processes: int = 2) -> dict[str, floa
     positive_int("processes", processes)
     ctx = torch.multiprocessing.get_context("spawn")
     queue = ctx.SimpleQueue()
-    torch.multiprocessing.start_processes(_train_worker, (processes, _free_port(), family, config.to_dict(), queue),
-                                          nprocs=processes, join=True, start_method="spawn")
-    results = {rank: torch.load(io.BytesIO(data), weights_only=True)
-               for rank, data in (queue.get() for _ in range(processes))}
+    torch.multiprocessing.start_processes(
+        _train_worker,
+        (processes, _free_port(), family, config.to_dict(), queue),
+        nprocs=processes,
+        join=True,
+        start_method="spawn",
+    )
+    results = {
+        rank: torch.load(io.BytesIO(data), weights_only=True) for rank, data in (queue.get() for _ in range(processes))
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -69,7 +69,10 @@ class SinusoidTasks:
         return amp, phase
 
     def sample(
-        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32,
+        self,
+        num_tasks: int,
+        generator: torch.Generator | None = None,
+        dtype=torch.float32,
         device: torch.device | str | None = None,
     ) -> TaskBatch:
         """Sample a meta-batch (drawn on the CPU with ``generator``, then moved to ``device``).
@@ -106,8 +109,13 @@ class BlobTasks:
     """
 
     def __init__(
-        self, ways: int = 5, shots: int = 1, queries: int = 15, dim: int = 16,
-        spread: float = 1.0, noise: float = 0.5,
+        self,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        dim: int = 16,
+        spread: float = 1.0,
+        noise: float = 0.5,
     ) -> None:
         if isinstance(ways, bool) or not isinstance(ways, int) or ways < 2:
             raise ValueError(f"ways must be an integer >= 2 (a task needs two classes), got {ways!r}")
@@ -120,7 +128,10 @@ class BlobTasks:
         self.spread, self.noise = float(spread), float(noise)
 
     def sample(
-        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32,
+        self,
+        num_tasks: int,
+        generator: torch.Generator | None = None,
+        dtype=torch.float32,
         device: torch.device | str | None = None,
     ) -> TaskBatch:
         """``x_spt (B, ways*shots, dim)``, ``y_spt (B, ways*shots)`` int64, likewise for queries

@@ -14,9 +14,10 @@ import copy
 import math
 import random
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -177,8 +178,9 @@ def restore(
             schedule.load_state_dict(state["scheduler"])
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        history = History(list(state["loss"]), float(state["seconds"]),
-                          {k: list(v) for k, v in state.get("metrics", {}).items()})
+        history = History(
+            list(state["loss"]), float(state["seconds"]), {k: list(v) for k, v in state.get("metrics", {}).items()}
+        )
         return int(state["iteration"]), history
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ValueError(f"resume does not hold the state of this run ({type(err).__name__}: {err})") from None
@@ -257,8 +259,9 @@ def fit(
     if updates_itself:
         hook = optimizer.register_step_pre_hook(lambda opt, args, kwargs: _check_gradients(_gradients(opt), rates))
     began = time.perf_counter() - history.seconds
-    bar = tqdm(range(start, end), initial=start, total=iterations, desc=desc, disable=not progress,
-               mininterval=mininterval)
+    bar = tqdm(
+        range(start, end), initial=start, total=iterations, desc=desc, disable=not progress, mininterval=mininterval
+    )
     try:
         for it in bar:
             batch = sample(generator)
@@ -282,8 +285,9 @@ def fit(
         bar.close()
         if hook is not None:
             hook.remove()
-    history.state = copy.deepcopy(training_state(max(start, end), history, optimizer, generator, schedule, model,
-                                                 tensors))
+    history.state = copy.deepcopy(
+        training_state(max(start, end), history, optimizer, generator, schedule, model, tensors)
+    )
     return history
 
 
@@ -396,11 +400,22 @@ def meta_train(
         save = lambda state: checkpoint.save(out, state)  # noqa: E731
     return fit(
         meta_step_gradient if step is None else (lambda batch: step(model, opt, batch)),
-        draw, iterations, opt, generator, sched, updates_itself=step is not None,
+        draw,
+        iterations,
+        opt,
+        generator,
+        sched,
+        updates_itself=step is not None,
         learning_rates={"inner_lr": inner.inner_lr, "meta_lr": meta_lr},
         callback=None if callback is None else (lambda it, _: callback(it, model)),
-        model=model, tensors=lrs, resume=resume, stop_after=stop_after, save=save, save_every=checkpoint_every,
-        progress=progress, desc=desc,
+        model=model,
+        tensors=lrs,
+        resume=resume,
+        stop_after=stop_after,
+        save=save,
+        save_every=checkpoint_every,
+        progress=progress,
+        desc=desc,
     )
 
 
@@ -436,5 +451,14 @@ def pretrain(
         value.backward()
         return value
 
-    return fit(pooled_loss, lambda gen: sample(batch_size, gen), iterations, opt, generator,
-               learning_rates={"lr": lr}, model=model, progress=progress, desc=desc)
+    return fit(
+        pooled_loss,
+        lambda gen: sample(batch_size, gen),
+        iterations,
+        opt,
+        generator,
+        learning_rates={"lr": lr},
+        model=model,
+        progress=progress,
+        desc=desc,
+    )

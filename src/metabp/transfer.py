@@ -20,13 +20,12 @@ networks:
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from pathlib import Path
 
 from . import checkpoint
 from .bilevel import InnerLoop
@@ -35,6 +34,7 @@ from .convnet import Conv4
 from .episodes import ImageClasses, _to_float
 from .tasks import TaskBatch
 from .training import History, fit, seed_everything
+
 
 def pretrain_classifier(
     classes: ImageClasses,
@@ -77,16 +77,35 @@ def pretrain_classifier(
         loss.backward()
         return loss
 
-    history = fit(step, draw, iterations, opt, generator, schedule, learning_rates={"lr": lr}, model=model,
-                  progress=progress, desc="pretraining")
+    history = fit(
+        step,
+        draw,
+        iterations,
+        opt,
+        generator,
+        schedule,
+        learning_rates={"lr": lr},
+        model=model,
+        progress=progress,
+        desc="pretraining",
+    )
     return model, history
 
 
 def save_classifier(path: Path | str, model: Conv4, history: History, settings: dict) -> None:
     """Write a pretrained classifier, its loss history and the settings that made it, atomically."""
-    checkpoint.save(path, {"kind": "classifier", "settings": dict(settings), "ways": model.ways,
-                           "hidden": model.hidden, "model": model.state_dict(),
-                           "loss": list(history.loss), "seconds": history.seconds})
+    checkpoint.save(
+        path,
+        {
+            "kind": "classifier",
+            "settings": dict(settings),
+            "ways": model.ways,
+            "hidden": model.hidden,
+            "model": model.state_dict(),
+            "loss": list(history.loss),
+            "seconds": history.seconds,
+        },
+    )
 
 
 def load_classifier(path: Path | str) -> tuple[Conv4, dict]:
@@ -94,7 +113,8 @@ def load_classifier(path: Path | str) -> tuple[Conv4, dict]:
     state = checkpoint.load(path)
     if state.get("kind") != "classifier":
         raise checkpoint.CheckpointError(
-            f"{path} is not a pretrained classifier (write one with: python -m metabp pretrain omniglot --out PATH)")
+            f"{path} is not a pretrained classifier (write one with: python -m metabp pretrain omniglot --out PATH)"
+        )
     model = Conv4(state["ways"], state["hidden"])
     model.load_state_dict(state["model"])
     return model, state
@@ -197,7 +217,10 @@ def linear_probe_accuracy(model: Conv4, batch: TaskBatch, lr: float, steps: Sequ
     for k in steps:
         for _ in range(k - done):
             # summed over tasks, so each head receives its own task's gradient
-            loss = F.cross_entropy(logits(z_spt).flatten(0, 1), batch.y_spt.flatten(), reduction="sum") / batch.y_spt.shape[1]
+            loss = (
+                F.cross_entropy(logits(z_spt).flatten(0, 1), batch.y_spt.flatten(), reduction="sum")
+                / batch.y_spt.shape[1]
+            )
             gw, gb = torch.autograd.grad(loss, (weight, bias))
             with torch.no_grad():
                 weight -= lr * gw
