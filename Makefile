@@ -75,9 +75,15 @@ test: venv
 # `.ci/run` runs it after `make test`.
 KERNEL_ENV      := ATEN_CPU_CAPABILITY=default
 KERNEL_CHAPTERS ?= notebooks/01_background.ipynb notebooks/02_core_concepts.ipynb
+# The unit tests that check numbers (meta-gradients against closed forms, finite
+# differences and the other libraries; training runs and their resumption); the
+# packaging, command-line, browser and distributed tests do not depend on kernels.
+KERNEL_TESTS    ?= tests/test_bilevel.py tests/test_core.py tests/test_closed_form.py tests/test_variants.py \
+                   tests/test_faces.py tests/test_l2l_and_listing.py tests/test_tasks_training.py \
+                   tests/test_training_loop.py tests/test_metarl.py tests/test_episodes.py
 
 test-kernels: venv
-	$(KERNEL_ENV) $(BIN)/python -m pytest tests
+	$(KERNEL_ENV) $(BIN)/python -m pytest $(KERNEL_TESTS)
 	$(KERNEL_ENV) $(NB_ENV) $(BIN)/python -m pytest --nbval $(KERNEL_CHAPTERS) --nbval-current-env \
 	    --nbval-sanitize-with tests/nbval_sanitize.cfg \
 	    -n $(NBVAL_WORKERS) --dist loadscope
