@@ -241,7 +241,7 @@ def _floor(per_task: bool) -> Callable[[Problem], Step]:
             torch.autograd.grad(loss_fn(model(x.flatten(0, 1)), y.flatten(0, 1)), params)
 
         def one_task_at_a_time() -> None:
-            for x_t, y_t in zip(x, y):
+            for x_t, y_t in zip(x, y, strict=True):
                 torch.autograd.grad(loss_fn(model(x_t), y_t) / b.num_tasks, params)
 
         return one_task_at_a_time if per_task else all_at_once

@@ -108,7 +108,7 @@ def check_task_batch(batch: TaskBatch) -> TaskBatch:
     if len(batch) != 4:
         raise ValueError(f"batch must hold 4 tensors (x_spt, y_spt, x_qry, y_qry), got {len(batch)}")
     names = ("x_spt", "y_spt", "x_qry", "y_qry")
-    for name, t in zip(names, batch):
+    for name, t in zip(names, batch, strict=True):
         if not isinstance(t, Tensor) or t.dim() < 2:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of shape (tasks, examples, ...), got {shape}")
@@ -117,7 +117,7 @@ def check_task_batch(batch: TaskBatch) -> TaskBatch:
         raise ValueError(
             f"batch must hold at least one task, got an empty meta-batch: x_spt {tuple(batch.x_spt.shape)}"
         )
-    for name, t in zip(names, batch):
+    for name, t in zip(names, batch, strict=True):
         if t.shape[0] != b:
             raise ValueError(f"{name} has {t.shape[0]} tasks but x_spt has {b}; all four must agree")
     for name in ("x_spt", "x_qry"):
@@ -231,7 +231,7 @@ def check_inputs(params: Mapping[str, Tensor], batch: TaskBatch) -> None:
     p = next(iter(params.values()), None)
     if p is None:
         raise ValueError("params must hold at least one tensor")
-    for name, t in zip(TaskBatch._fields, batch):
+    for name, t in zip(TaskBatch._fields, batch, strict=True):
         if t.device != p.device:
             raise ValueError(
                 f"batch.{name} is on {t.device} but the parameters are on {p.device}; "
@@ -499,7 +499,7 @@ def _meta_loss(model, params, batch, inner, vectorize, lrs) -> Tensor:
             return task_loss(model, params, x_spt, y_spt, x_qry, y_qry, inner, lrs)
 
         return vmap(one_task)(*batch).mean()
-    losses = [task_loss(model, params, *task, inner, lrs) for task in zip(*batch)]
+    losses = [task_loss(model, params, *task, inner, lrs) for task in zip(*batch, strict=True)]
     return torch.stack(losses).mean()
 
 
@@ -568,16 +568,16 @@ def meta_gradient(
             raise ValueError("per_task=True backpropagates task by task; it needs vectorize=False")
         check_meta_batch(model, params, batch, inner, False, lrs)
         total = {n: torch.zeros_like(params[n]) for n in names}
-        for task in zip(*batch):
+        for task in zip(*batch, strict=True):
             loss = task_loss(model, params, *task, inner, lrs) / batch.num_tasks
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
+            for n, g in zip(names, grads, strict=True):
                 if g is not None:
                     total[n] += g
         return total
     loss = meta_loss(model, params, batch, inner, vectorize, lrs)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+    return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
 
 
 def meta_step(

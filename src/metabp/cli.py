@@ -488,7 +488,7 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     runs = load_runs(folder)
     acc = _adapted_accuracy(args, model, config, runs_as_tasks(runs).to(device)).cpu()
     errors = [100.0 * (1.0 - a) for a in acc.tolist()]
-    for run, err in zip(runs, errors):
+    for run, err in zip(runs, errors, strict=True):
         print(f"{run.name}: error {err:.1f}%")
     print(f"error_percent: {sum(errors) / len(errors):.2f}")
     return 0

@@ -258,13 +258,16 @@ class SummedOptimizer:
             has = [p.grad is not None for p in params]
             ref = params[0]
             flat = torch.cat(
-                [(p.grad if h else torch.zeros_like(p)).reshape(-1) * self.weight for p, h in zip(params, has)]
+                [
+                    (p.grad if h else torch.zeros_like(p)).reshape(-1) * self.weight
+                    for p, h in zip(params, has, strict=True)
+                ]
                 + [torch.tensor(has, dtype=ref.dtype, device=ref.device)]
             )
             self.group.all_sum_(flat)
             counts = flat[-len(params) :]
             offset = 0
-            for p, n, c in zip(params, sizes, counts.tolist()):
+            for p, n, c in zip(params, sizes, counts.tolist(), strict=True):
                 p.grad = flat[offset : offset + n].view_as(p).clone() if c > 0 else None
                 offset += n
             check_finite(

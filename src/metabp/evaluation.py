@@ -115,7 +115,7 @@ def adaptation_curve(
         with torch.no_grad():
             if vectorize:
                 return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
-            return torch.stack([one_task(*task) for task in zip(*batch)], 1)
+            return torch.stack([one_task(*task) for task in zip(*batch, strict=True)], 1)
     except RuntimeError as error:
         better = _input_error(error, batch)
         if better is None:

@@ -126,7 +126,7 @@ def l2l_task_loss(
 def l2l_meta_loss(maml: nn.Module, batch: TaskBatch, inner: InnerLoop) -> Tensor:
     """Mean post-adaptation query loss over the meta-batch, learn2learn style."""
     check_task_batch(batch)
-    losses = [l2l_task_loss(maml, *task, inner) for task in zip(*batch)]
+    losses = [l2l_task_loss(maml, *task, inner) for task in zip(*batch, strict=True)]
     return torch.stack(losses).mean()
 
 
@@ -170,7 +170,7 @@ def _check(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -> None:
 
 
 def _named(model: nn.Module, grads) -> Params:
-    return {name: g for (name, _), g in zip(model.named_parameters(), grads)}
+    return {name: g for (name, _), g in zip(model.named_parameters(), grads, strict=True)}
 
 
 def higher_meta_gradient(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -> Params:

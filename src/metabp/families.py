@@ -130,7 +130,7 @@ class NavigationConfig:
         _check_common(self)
         positive_int("hidden", self.hidden)
         positive_int("horizon", self.horizon)
-        self.metarl  # validates the rest
+        _ = self.metarl  # the property validates the rest
 
     @property
     def metarl(self):

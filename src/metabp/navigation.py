@@ -334,8 +334,8 @@ def rollout_steps(
     def merge(name: str) -> Tensor:  # each goal's episodes, round after round, zero-padded to width
         parts = [getattr(part, name) for part in rounds]
         out = parts[0].new_zeros((b, width) + parts[0].shape[2:])
-        for x, who, first in zip(parts, owners, slots):
-            for i, (task, start) in enumerate(zip(who.tolist(), first)):
+        for x, who, first in zip(parts, owners, slots, strict=True):
+            for i, (task, start) in enumerate(zip(who.tolist(), first, strict=True)):
                 out[task, start : start + x.shape[1]] = x[i]
         return out
 

@@ -66,7 +66,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
             return time.perf_counter() - began
 
         rows = []
-        for block in range(spec["blocks"]):
+        for _block in range(spec["blocks"]):
             group.barrier()
             reference = []
             if group.main:
@@ -170,7 +170,7 @@ def format_report(result: dict, processes: int, threads: int) -> str:
         )
     ref_all = [t for row in result["rows"] for t in row["reference"]]
     step_all = [t for row in result["rows"] for t in row["step"]]
-    share = [c / s for row in result["rows"] for c, s in zip(row["comm"], row["step"])]
+    share = [c / s for row in result["rows"] for c, s in zip(row["comm"], row["step"], strict=True)]
     ratio = statistics.median(ref_all) / statistics.median(step_all)
     lines += [
         f"all rounds: 1x{processes * threads} median {statistics.median(ref_all) * ms:.1f} ms "

@@ -95,8 +95,8 @@ class BlobTasks:
     """Synthetic N-way K-shot classification: Gaussian blobs around random class centres.
 
     A task draws ``ways`` centres from ``N(0, spread^2 I)`` in ``dim`` dimensions and
-    labels ``0 .. ways-1`` (the centres are random, so a label says nothing across tasks); each example is its class centre plus
-    ``N(0, noise^2 I)``. Small and fast: the right size to run the article's
+    labels ``0 .. ways-1`` (the centres are random, so a label says nothing across tasks);
+    each example is its class centre plus ``N(0, noise^2 I)``. Small and fast: the right size to run the article's
     classification listing (a two-layer MLP with cross-entropy) on a laptop.
 
     Args:

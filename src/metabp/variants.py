@@ -83,7 +83,7 @@ def reptile_gradient(
             adapted, losses = vmap(one_task)(x, y)
             mean = {k: v.mean(0) for k, v in adapted.items()}
         else:
-            results = [one_task(x_t, y_t) for x_t, y_t in zip(x, y)]
+            results = [one_task(x_t, y_t) for x_t, y_t in zip(x, y, strict=True)]
             mean = {k: torch.stack([r[0][k] for r in results]).mean(0) for k in theta}
             losses = torch.stack([r[1] for r in results])
     return {k: theta[k] - mean[k] for k in theta}, losses.mean()
@@ -256,7 +256,7 @@ def implicit_meta_gradient(
         if vectorize:
             grads, losses = vmap(one_task)(*batch)
             return {k: v.mean(0) for k, v in grads.items()}, losses.mean()
-        results = [one_task(*task) for task in zip(*batch)]
+        results = [one_task(*task) for task in zip(*batch, strict=True)]
     grads = {k: torch.stack([r[0][k] for r in results]).mean(0) for k in theta}
     return grads, torch.stack([r[1] for r in results]).mean()
 
