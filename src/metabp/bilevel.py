@@ -49,7 +49,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class TaskBatch(NamedTuple):
         """Task ``i`` alone, still with a task dimension of size 1."""
         return TaskBatch(*(t[i : i + 1] for t in self))
 
-    def to(self, *args, **kwargs) -> TaskBatch:
+    def to(self, *args: Any, **kwargs: Any) -> TaskBatch:
         """Every tensor through ``Tensor.to(*args, **kwargs)``, labels included.
 
         Use it to move a batch to a device (``batch.to("cuda")``, with the model moved
@@ -278,7 +278,8 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor
     ``objective`` for :func:`inner_step`.
     """
     buffers = dict(model.named_buffers())
-    return functional_call(model, (dict(params), buffers), (x,))
+    out: Tensor = functional_call(model, (dict(params), buffers), (x,))
+    return out
 
 
 def inner_step(
@@ -492,7 +493,14 @@ def check_meta_batch(
         check_running_stats(model)
 
 
-def _meta_loss(model, params, batch, inner, vectorize, lrs) -> Tensor:
+def _meta_loss(
+    model: nn.Module,
+    params: Params,
+    batch: TaskBatch,
+    inner: InnerLoop,
+    vectorize: bool,
+    lrs: Mapping[str, Tensor] | None,
+) -> Tensor:
     if vectorize:
 
         def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
@@ -608,7 +616,8 @@ def make_optimizer(
     optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
     if name not in optimizers:
         raise ValueError(f"optimizer must be one of {tuple(optimizers)}, got {name!r}")
-    return optimizers[name](params, lr=meta_lr)
+    optimizer: torch.optim.Optimizer = optimizers[name](params, lr=meta_lr)
+    return optimizer
 
 
 def meta_gradient_fn(
@@ -617,7 +626,7 @@ def meta_gradient_fn(
     vectorize: bool = VECTORIZE,
     compile: bool = False,
     meta_sgd: bool = False,
-) -> Callable:
+) -> Callable[..., tuple[Params, Tensor]]:
     """A pure function ``(params, batch) -> (meta-gradient dict, meta-loss)``.
 
     The whole meta-gradient, outer derivative included, is one ``torch.func``
@@ -650,11 +659,12 @@ def meta_gradient_fn(
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         fn = _compiled_or_eager(fn)
 
-    def checked(params: Params, batch: TaskBatch, *lrs: Params):
+    def checked(params: Params, batch: TaskBatch, *lrs: Params) -> tuple[Params, Tensor]:
         if len(lrs) != int(meta_sgd):
             raise ValueError("lrs: pass Meta-SGD's step sizes exactly when meta_gradient_fn(meta_sgd=True)")
         check_meta_batch(model, params, TaskBatch(*batch), inner, vectorize, lrs[0] if lrs else None)
-        return fn(params, batch, *lrs)
+        out: tuple[Params, Tensor] = fn(params, batch, *lrs)
+        return out
 
     return checked
 
@@ -675,7 +685,7 @@ def _compiled_or_eager(fn: Callable) -> Callable:
     compiled = torch.compile(fn)
     use = [compiled]
 
-    def call(*args):
+    def call(*args: Any) -> Any:
         if use[0] is fn:
             return fn(*args)
         try:

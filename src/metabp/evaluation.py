@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -129,7 +129,7 @@ def evaluate(
     inner: InnerLoop,
     steps: Sequence[int],
     metric: str = "loss",
-    **kwargs,
+    **kwargs: Any,
 ) -> dict[int, tuple[float, float]]:
     """``{steps: (mean, 95% half-width)}`` of the query metric over the tasks in ``batch``."""
     curve = adaptation_curve(model, batch, inner, steps, metric, **kwargs)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .checks import one_of, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from .distributed import TaskShard
 
 REWARDS = ("distance", "squared")
 TERMINATIONS = ("box", "circle")
@@ -250,7 +253,7 @@ def rollout(
     num_trajectories: int,
     generator: torch.Generator | None = None,
     batched: bool = False,
-    shard=None,
+    shard: TaskShard | None = None,
 ) -> Trajectories:
     """Play ``num_trajectories`` episodes on each goal in ``goals`` ``(B, 2)``, all at once.
 
