@@ -21,10 +21,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from . import checkpoint, distributed, protonet
 from .bilevel import InnerLoop, get_params, make_optimizer, meta_loss
@@ -126,7 +126,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBa
     """
     optimizer.zero_grad(set_to_none=True)
     if config.algorithm == "protonet":
-        loss = protonet.loss(model, batch)
+        loss = protonet.loss(cast(protonet.Embedder, model), batch)  # a network with embed, as Conv4
     else:
         # A Python loop over the episodes: exact through batch norm (vmap's second
         # derivatives of nn.BatchNorm2d are not, see metabp.convnet) and, on a CPU,
