@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import checkpoint, distributed, protonet
 from .bilevel import InnerLoop, get_params, make_optimizer, meta_loss

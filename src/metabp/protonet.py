@@ -18,7 +18,7 @@ from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import vmap
 
 from .tasks import TaskBatch, check_task_batch
