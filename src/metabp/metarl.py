@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -280,7 +280,8 @@ def meta_train(
     generator = torch.Generator().manual_seed(seed)
     std = [p for n, p in policy.named_parameters() if n == "log_std"]
     rest = [p for n, p in policy.named_parameters() if n != "log_std"]
-    optimizer = torch.optim.Adam([{"params": rest}, {"params": std, "lr": cfg.std_lr or cfg.meta_lr}], lr=cfg.meta_lr)
+    groups: list[dict[str, Any]] = [{"params": rest}, {"params": std, "lr": cfg.std_lr or cfg.meta_lr}]
+    optimizer = torch.optim.Adam(groups, lr=cfg.meta_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations) if cfg.cosine else None
 
     def step(goals: Tensor) -> dict[str, float]:
