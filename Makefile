@@ -1,6 +1,7 @@
 # metabp: build the book, run the tests.  See README.md ("Quick start").
 #
 #   make book   (default) install .venv if needed, render the book to _build/html
+#   make lint   ruff check, ruff format --check and mypy (seconds; CI runs it first)
 #   make test   unit tests, nbval over every notebook, then a strict book build
 #               and the site test in a real browser (tests_browser)
 #   make test-kernels  the unit tests and the cheapest chapters again on another kernel path
@@ -25,7 +26,7 @@ export BOOK_REPOSITORY_URL ?= $(shell git remote get-url origin 2>/dev/null)
 export BOOK_REPOSITORY_BRANCH ?= main
 
 .DEFAULT_GOAL := book
-.PHONY: venv book test test-kernels notebooks clean
+.PHONY: venv book lint test test-kernels notebooks clean
 
 venv: $(STAMP)
 
@@ -43,6 +44,13 @@ $(STAMP): requirements.txt pyproject.toml | $(BIN)/python
 
 book: venv
 	$(BIN)/jupyter-book build . $(JB_FLAGS)
+
+# Lint (src, tests, benchmarks, the chapters' code cells), the format, and the types
+# of src/metabp; settings in pyproject.toml. .pre-commit-config.yaml runs the same.
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Notebooks are committed executed and the book does not execute them
 # (_config.yml: execute_notebooks "off"); nbval re-runs every notebook in a

@@ -103,7 +103,9 @@ def main() -> None:
             )
             ret = [t.mean_return().reshape(REPEATS, -1).mean(0) for t in evals]
             result[name] = [round(r.mean().item(), 3) for r in ret]
-            result[name + "_minus_paper"] = [[round(x, 3) for x in paired(r, p)] for r, p in zip(ret, paper)]
+            result[name + "_minus_paper"] = [
+                [round(x, 3) for x in paired(r, p)] for r, p in zip(ret, paper, strict=True)
+            ]
         result["seconds"] = round(time.perf_counter() - start, 1)
         print(json.dumps(result), flush=True)
         with open(args.out, "a") as f:

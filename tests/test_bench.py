@@ -112,7 +112,7 @@ def test_problem_in_float64_has_the_same_values():
     single, double = make_problem(config), make_problem(config, dtype=torch.float64)
     assert double.batch.x_qry.dtype == torch.float64 and double.batch.y_qry.dtype == torch.int64
     assert torch.equal(single.batch.x_qry.double(), double.batch.x_qry)
-    for (name, a), (_, b) in zip(single.model.state_dict().items(), double.model.state_dict().items()):
+    for (name, a), (_, b) in zip(single.model.state_dict().items(), double.model.state_dict().items(), strict=True):
         assert b.dtype == torch.float64 and torch.allclose(a.double(), b), name
     with pytest.raises(ValueError, match="dtype"):
         make_problem(config, dtype=torch.float16)

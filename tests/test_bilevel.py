@@ -15,7 +15,10 @@ def linear_tasks(num_tasks=3, shots=6, queries=7, dim=4, seed=0):
     w_true = torch.randn(num_tasks, dim, 1, generator=g, dtype=torch.float64)
     xs = torch.randn(num_tasks, shots, dim, generator=g, dtype=torch.float64)
     xq = torch.randn(num_tasks, queries, dim, generator=g, dtype=torch.float64)
-    noise = lambda n: 0.1 * torch.randn(num_tasks, n, 1, generator=g, dtype=torch.float64)
+
+    def noise(n: int) -> torch.Tensor:
+        return 0.1 * torch.randn(num_tasks, n, 1, generator=g, dtype=torch.float64)
+
     return TaskBatch(xs, xs @ w_true + noise(shots), xq, xq @ w_true + noise(queries))
 
 
@@ -66,7 +69,7 @@ def test_meta_loss_passes_gradcheck():
     start = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
 
     def f(*tensors):
-        return meta_loss(model, dict(zip(names, tensors)), batch, inner, vectorize=False)
+        return meta_loss(model, dict(zip(names, tensors, strict=True)), batch, inner, vectorize=False)
 
     assert torch.autograd.gradcheck(f, start, eps=1e-6, atol=1e-6)
 
@@ -107,7 +110,7 @@ def test_meta_step_moves_parameters_and_lowers_loss():
     opt = make_optimizer(model.parameters(), 1e-3)
     before = [p.detach().clone() for p in model.parameters()]
     losses = [meta_step(model, opt, batch, inner) for _ in range(30)]
-    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     assert losses[-1] < losses[0]
 
 
@@ -150,12 +153,12 @@ def test_compiled_meta_training_follows_the_eager_run():
             )
         fallbacks.append([str(w.message) for w in caught if "torch.compile" in str(w.message)])
         runs.append([p.detach().clone() for p in model.parameters()])
-        assert not all(torch.equal(a, b) for a, b in zip(start, runs[-1]))  # it trained
+        assert not all(torch.equal(a, b) for a, b in zip(start, runs[-1], strict=True))  # it trained
     # Where this machine cannot compile, the compiled run fell back to the eager path and said so once,
     # in one line; either way it must end where the eager run ends.
     assert fallbacks[0] == [] and len(fallbacks[1]) <= 1
     assert all("\n" not in m and "eagerly" in m for m in fallbacks[1])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
 
 

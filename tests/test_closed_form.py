@@ -19,7 +19,7 @@ def test_linear_regression_tasks_shapes_and_seeding():
     assert batch.x_qry.shape == (3, 7, 4) and batch.y_qry.shape == (3, 7, 1)
     assert batch.x_spt.dtype == torch.float64
     again = linear_regression_tasks(3, 6, 7, 4, generator=torch.Generator().manual_seed(0))
-    assert all(torch.equal(a, b) for a, b in zip(batch, again))
+    assert all(torch.equal(a, b) for a, b in zip(batch, again, strict=True))
     with pytest.raises(ValueError, match="noise"):
         linear_regression_tasks(noise=-1.0)
 
@@ -49,7 +49,7 @@ def test_implicit_equals_the_limit_of_the_unrolled_proximal_loop():
     lam, eta = 1.0, 0.2  # contraction |1 - eta (lam + mu)| < 0.8 for every eigenvalue mu of A
     theta = w.clone().requires_grad_(True)
     total = 0.0
-    for xs, ys, xq, yq in zip(*batch):
+    for xs, ys, xq, yq in zip(*batch, strict=True):
         phi = theta
         for _ in range(300):
             inner = F.mse_loss(xs @ phi, ys) + lam / 2 * ((phi - theta) ** 2).sum()

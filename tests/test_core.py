@@ -162,7 +162,13 @@ def test_meta_sgd_step_sizes_reach_meta_gradient_the_compiled_path_and_evaluatio
     lrs = init_lrs(model, 0.3)
     params = get_params(model)
     loss = meta_loss(model, params, batch, inner, vectorize=False, lrs=lrs)
-    want = dict(zip([*params, *(f"lr.{k}" for k in lrs)], torch.autograd.grad(loss, [*params.values(), *lrs.values()])))
+    want = dict(
+        zip(
+            [*params, *(f"lr.{k}" for k in lrs)],
+            torch.autograd.grad(loss, [*params.values(), *lrs.values()]),
+            strict=True,
+        )
+    )
     got = meta_gradient(model, batch, inner, vectorize=False, lrs=lrs)
     assert max_abs_difference(got, {k: want[k] for k in params}) < 1e-12
     assert max_abs_difference(got, meta_gradient(model, batch, inner, vectorize=False)) > 1e-3  # lrs are used
@@ -200,7 +206,7 @@ def test_inner_step_on_an_objective_descends_it_and_defaults_to_the_support_loss
     x, y = batch.x_spt[0], batch.y_spt[0]
     default = inner_step(model, params, x, y, inner)
     loss = torch.nn.functional.mse_loss(torch.func.functional_call(model, params, (x,)), y)
-    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
     for k in params:
         want = params[k] - 0.05 * grads[k] if k.startswith("net.4.") else params[k]
         assert torch.allclose(default[k], want, atol=1e-14), k
@@ -252,7 +258,7 @@ def test_cast_keeps_labels_and_samplers_take_a_device():
     assert cast.x_spt.dtype == torch.float64 and cast.y_spt.dtype == torch.int64
     assert torch.equal(cast.x_spt, batch.x_spt.double())
     same = BlobTasks().sample(2, torch.Generator().manual_seed(0), device="cpu")
-    assert all(torch.equal(a, b) for a, b in zip(same, batch))
+    assert all(torch.equal(a, b) for a, b in zip(same, batch, strict=True))
     assert SinusoidTasks().sample(2, device="meta").x_spt.device.type == "meta"
 
 
@@ -292,7 +298,11 @@ def test_the_core_imports_alone_from_two_copied_files(tmp_path):
     assert result.stdout.strip() == "['bias', 'weight']"
     imports = [line for line in (SRC / "bilevel.py").read_text().splitlines() if line.startswith(("import", "from"))]
     assert all(
-        ("torch" in line or "checks" in line or line.split()[1] in ("__future__", "weakref", "dataclasses", "typing"))
+        (
+            "torch" in line
+            or "checks" in line
+            or line.split()[1] in ("__future__", "weakref", "collections.abc", "dataclasses", "typing")
+        )
         for line in imports
     ), imports
 

@@ -73,7 +73,7 @@ def test_autograd_meta_loss_equals_the_torch_func_one(first_order, steps):
     ga = torch.autograd.grad(a, list(params.values()))
     gb = torch.autograd.grad(b, list(params.values()))
     assert torch.allclose(a, b, atol=1e-12)
-    assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb))
+    assert all(torch.allclose(u, v, atol=1e-10) for u, v in zip(ga, gb, strict=True))
 
 
 def test_second_order_graph_keeps_more_than_first_order_and_plain_training():
@@ -111,9 +111,11 @@ def test_task_pool_reuses_its_tasks_and_splits_at_random():
     assert torch.equal(pool.x, again.x) and torch.equal(pool.y, again.y)
     batch = pool.sample(50, torch.Generator().manual_seed(1))
     assert batch.x_spt.shape == (50, 5, 1) and batch.x_qry.shape == (50, 3, 1)
-    pairs = {(round(x, 6), round(y, 6)) for x, y in zip(pool.x.flatten().tolist(), pool.y.flatten().tolist())}
+    pairs = {
+        (round(x, 6), round(y, 6)) for x, y in zip(pool.x.flatten().tolist(), pool.y.flatten().tolist(), strict=True)
+    }
     for xs, ys in ((batch.x_spt, batch.y_spt), (batch.x_qry, batch.y_qry)):
-        for x, y in zip(xs.flatten().tolist(), ys.flatten().tolist()):
+        for x, y in zip(xs.flatten().tolist(), ys.flatten().tolist(), strict=True):
             assert (round(x, 6), round(y, 6)) in pairs  # no new example is ever made
     # every drawn task is one pool task: its support and query together are that task's examples
     for i in range(50):

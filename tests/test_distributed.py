@@ -125,7 +125,7 @@ def spawn(world: int, folder: Path, task: str, timeout: float = 300) -> list[dic
 def two_and_one(tmp_path_factory):
     folder = tmp_path_factory.mktemp("two")
     two = spawn(2, folder, "all")
-    for r, result in enumerate(two):
+    for result in two:
         assert "error" not in result, result.get("traceback")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -186,7 +186,7 @@ def test_shares_cover_the_batch_once_in_order():
         for total in range(world, 12):
             parts = [distributed.Group(r, world).share(total) for r in range(world)]
             assert parts[0].start == 0 and parts[-1].stop == total
-            assert all(a.stop == b.start for a, b in zip(parts, parts[1:]))
+            assert all(a.stop == b.start for a, b in zip(parts, parts[1:], strict=False))
             sizes = [p.stop - p.start for p in parts]
             assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="at least the number of processes"):

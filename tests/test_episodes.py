@@ -57,7 +57,7 @@ def test_episodes_are_seeded(sampler_cls):
     a = sampler.sample(5, torch.Generator().manual_seed(3))
     b = sampler.sample(5, torch.Generator().manual_seed(3))
     c = sampler.sample(5, torch.Generator().manual_seed(4))
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
     assert not torch.equal(a.x_spt, c.x_spt)
 
 

@@ -29,7 +29,7 @@ def test_faces_agree_with_the_core_on_regression(first_order, steps):
         assert set(got) == set(want), name
         assert max_abs_difference(got, want) < 1e-12 * scale, name
     # no face leaves the model changed (TorchOpt swaps its parameters while it runs)
-    for b, p in zip(before, model.parameters()):
+    for b, p in zip(before, model.parameters(), strict=True):
         assert torch.equal(b, p) and p.is_leaf
 
 

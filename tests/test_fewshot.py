@@ -150,12 +150,12 @@ def test_resume_ends_with_the_parameters_of_an_uninterrupted_run(classes, tmp_pa
     train(config, classes, part, checkpoint_every=2, progress=False, stop_after=3)
     assert torch.load(part, weights_only=True)["iteration"] == 3
     resumed, hist = train(config, classes, part, resume=True, checkpoint_every=2, progress=False)
-    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     assert hist.loss == hist_full.loss
     model, stored, state = load_model(part)
     assert stored == config and state["iteration"] == 6
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), full.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), full.state_dict().values(), strict=True))
 
 
 def test_resume_refuses_another_configuration(classes, tmp_path):

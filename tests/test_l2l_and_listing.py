@@ -60,7 +60,10 @@ def blob_setup(seed=0):
     torch.manual_seed(seed)
     tasks = BlobTasks(ways=3, shots=2, queries=4, dim=5)
     batch = tasks.sample(4, torch.Generator().manual_seed(seed))
-    make = lambda: MetaLearner(5, 16, 3)
+
+    def make() -> MetaLearner:
+        return MetaLearner(5, 16, 3)
+
     return make(), make, batch
 
 

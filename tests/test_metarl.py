@@ -308,7 +308,7 @@ def test_meta_gradient_flows_through_the_inner_step_and_matches_finite_differenc
         plus = objective({k: v + h * direction[k] for k, v in params.items()})
         minus = objective({k: v - h * direction[k] for k, v in params.items()})
     numeric = (plus - minus) / (2 * h)
-    analytic = sum((gr * direction[k]).sum() for gr, k in zip(grads, params))
+    analytic = sum((gr * direction[k]).sum() for gr, k in zip(grads, params, strict=True))
     assert analytic.item() == pytest.approx(numeric.item(), rel=1e-5, abs=1e-9)
     # a first-order inner step (its gradient treated as a constant) gives a different answer
     with torch.no_grad():
@@ -316,7 +316,7 @@ def test_meta_gradient_flows_through_the_inner_step_and_matches_finite_differenc
     first_order = torch.autograd.grad(
         outer_loss(policy, {k: v + step[k] for k, v in params.items()}, *qry, clip=None), list(params.values())
     )
-    assert not all(torch.allclose(f, gr, rtol=1e-3) for f, gr in zip(first_order, grads))
+    assert not all(torch.allclose(f, gr, rtol=1e-3) for f, gr in zip(first_order, grads, strict=True))
 
 
 def test_learn2learn_clone_and_adapt_gives_the_same_adapted_policy():
@@ -324,7 +324,10 @@ def test_learn2learn_clone_and_adapt_gives_the_same_adapted_policy():
     adapted = adapt(policy, params, *spt, 0.1)
     maml = faces.l2l_wrap(policy, InnerLoop(inner_lr=0.1))
     steps, old = spt
-    task_steps = lambda b: Steps(*(x[b] for x in steps))
+
+    def task_steps(b: int) -> Steps:
+        return Steps(*(x[b] for x in steps))
+
     for b in range(steps.obs.shape[0]):
         learner = faces.l2l_adapt_policy(maml, task_steps(b), old[b])
         for name, p in learner.module.named_parameters():
@@ -491,7 +494,7 @@ def test_without_old_log_probs_the_meta_gradient_is_the_same():
 
     with_old = torch.autograd.grad(objective(params, spt, qry), list(params.values()))
     without = torch.autograd.grad(objective(params, (spt[0], None), (qry[0], None)), list(params.values()))
-    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(with_old, without))
+    assert all(torch.allclose(a, b, rtol=1e-10, atol=1e-12) for a, b in zip(with_old, without, strict=True))
     # elsewhere than where the steps were played, pi_old matters: the two differ
     moved = {k: v + 0.05 for k, v in params.items()}
     assert not torch.allclose(objective(moved, spt, qry), objective(moved, (spt[0], None), (qry[0], None)))

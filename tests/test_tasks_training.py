@@ -27,7 +27,7 @@ def test_sinusoid_ranges_shapes_and_seeding():
     assert torch.equal(b.y_spt, amp * torch.sin(b.x_spt - phase))
     assert torch.equal(b.y_qry, amp * torch.sin(b.x_qry - phase))
     again = tasks.sample(200, torch.Generator().manual_seed(0))
-    assert all(torch.equal(u, v) for u, v in zip(b, again))
+    assert all(torch.equal(u, v) for u, v in zip(b, again, strict=True))
     other = tasks.sample(200, torch.Generator().manual_seed(1))
     assert not torch.equal(b.x_spt, other.x_spt)
 
@@ -69,7 +69,7 @@ def test_meta_training_is_seeded():
         model = SineNet()
         meta_train(model, SinusoidTasks(), inner, iterations=5, meta_batch_size=4, seed=7, progress=False)
         runs.append([p.detach().clone() for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
 def test_adaptation_curve_zero_steps_is_plain_loss():

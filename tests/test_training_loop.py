@@ -57,7 +57,7 @@ def test_meta_train_stops_before_the_update_at_a_non_finite_meta_loss(compile, m
     assert sampler.calls == 3
     assert len(str(error.value).splitlines()) == 1
     # the parameters are those of the two good meta-steps: the NaN batch updated nothing
-    assert all(torch.equal(a, b) for a, b in zip(params_of(good), params_of(poisoned)))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(good), params_of(poisoned), strict=True))
 
 
 def test_fit_stops_at_a_non_finite_gradient_even_where_the_loss_is_finite():
@@ -155,7 +155,7 @@ def test_an_interrupted_and_resumed_meta_training_ends_bit_identical(kind, tmp_p
     assert part.state["iteration"] == 3 and len(part.loss) == 3
     checkpoint.save(tmp_path / "part.pt", part.state)
     resumed, resumed_lrs, history = run(resume=checkpoint.load(tmp_path / "part.pt"))
-    assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(resumed)))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(resumed), strict=True))
     if kind == "meta-sgd":
         assert all(torch.equal(full_lrs[k], resumed_lrs[k]) for k in full_lrs)
     assert history.loss == full_history.loss and len(history.loss) == 7
@@ -163,7 +163,7 @@ def test_an_interrupted_and_resumed_meta_training_ends_bit_identical(kind, tmp_p
     run(stop_after=4, out=tmp_path / "run.pt")
     assert checkpoint.load(tmp_path / "run.pt")["iteration"] == 4
     again, _, history = run(resume=checkpoint.load(tmp_path / "run.pt"))
-    assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(again)))
+    assert all(torch.equal(a, b) for a, b in zip(params_of(full), params_of(again), strict=True))
     assert history.loss == full_history.loss
 
 
@@ -205,7 +205,7 @@ def test_history_records_named_metrics_as_attributes():
     history.record({"loss": 2.0, "before": -3.0, "after": -1.0})
     assert history.loss == [1.5, 2.0] and history.before == [-3.0] and history.after == [-1.0]
     with pytest.raises(AttributeError):
-        history.during
+        _ = history.during
 
 
 # --- devices ----------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_meta_train_on_a_device_follows_the_default_run(device):
         )
         assert all(p.device.type == (where or "cpu") for p in model.parameters())
         runs.append([p.detach().cpu() for p in model.parameters()])
-    for a, b in zip(*runs):
+    for a, b in zip(*runs, strict=True):
         assert torch.allclose(a, b, atol=1e-5) if device != "cpu" else torch.equal(a, b)
 
 
@@ -277,7 +277,7 @@ def test_a_compile_failure_falls_back_to_the_eager_run_with_one_warning(works_fo
             assert fallback == []
         runs.append((params_of(model), history.loss))
     (eager, eager_loss), (fallen_back, loss) = runs
-    assert len(loss) == 4 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager, fallen_back))
+    assert len(loss) == 4 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(eager, fallen_back, strict=True))
     assert loss == pytest.approx(eager_loss, rel=1e-6)
 
 

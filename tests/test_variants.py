@@ -41,7 +41,7 @@ def test_reptile_update_equals_hand_computation(use_query):
     w = model.weight.detach().T.clone()  # (dim, 1)
 
     adapted = []
-    for xs, ys, xq, yq in zip(*batch):
+    for xs, ys, xq, yq in zip(*batch, strict=True):
         x, y = (torch.cat([xs, xq]), torch.cat([ys, yq])) if use_query else (xs, ys)
         a, b = least_squares_terms(x, y)
         wk = w.clone()
@@ -83,7 +83,7 @@ def test_meta_train_with_reptile_step_moves_parameters():
         step=lambda m, opt, b: reptile_step(m, opt, b, inner),
     )
     assert len(history.loss) == 3
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     with pytest.raises(ValueError, match="step replaces"):
         meta_train(
             model, SinusoidTasks(), inner, iterations=1, compile=True, progress=False, step=lambda m, opt, b: 0.0
@@ -119,7 +119,7 @@ def test_meta_sgd_gradient_reaches_the_learning_rates():
 
     w = model.weight.detach().T
     expected = torch.zeros_like(w)
-    for xs, ys, xq, yq in zip(*batch):
+    for xs, ys, xq, yq in zip(*batch, strict=True):
         g_s = query_gradient(xs, ys, w)
         expected += -g_s * query_gradient(xq, yq, w - 0.07 * g_s)
     expected /= batch.num_tasks
@@ -173,11 +173,11 @@ def unrolled_proximal_meta_gradient(model, batch, inner, lam):
     """Autograd through every step of the proximal inner loop (MAML-style), for comparison."""
     theta = get_params(model)
     losses = []
-    for xs, ys, xq, yq in zip(*batch):
+    for xs, ys, xq, yq in zip(*batch, strict=True):
         phi = proximal_adapt(model, theta, theta, xs, ys, inner, lam)
         losses.append(inner.loss_fn(forward(model, phi, xq), yq))
     loss = torch.stack(losses).mean()
-    return dict(zip(theta, torch.autograd.grad(loss, list(theta.values()))))
+    return dict(zip(theta, torch.autograd.grad(loss, list(theta.values())), strict=True))
 
 
 def smooth_net() -> nn.Module:

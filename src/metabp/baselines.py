@@ -18,6 +18,7 @@ an ordinary ``SineNet`` that the evaluation code adapts like any other.
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -46,10 +47,10 @@ class MultiTaskHeads(nn.Module):
         positive_int("num_tasks", num_tasks)
         net = getattr(model, "net", None)
         head = net[-1] if isinstance(net, nn.Sequential) else None
-        if not isinstance(head, nn.Linear):
+        if not isinstance(net, nn.Sequential) or not isinstance(head, nn.Linear):
             raise ValueError(f"model.net[-1] must be an nn.Linear head, got {type(head).__name__}")
         self.template = copy.deepcopy(model)
-        self.body = copy.deepcopy(model.net[:-1])
+        self.body = copy.deepcopy(net[:-1])
         self.weight = nn.Parameter(head.weight.detach().clone().expand(num_tasks, -1, -1).contiguous())
         self.bias = nn.Parameter(head.bias.detach().clone().expand(num_tasks, -1).contiguous())
 
@@ -65,9 +66,11 @@ class MultiTaskHeads(nn.Module):
         """The shared body with the mean of the task heads, as a copy of the original model."""
         model = copy.deepcopy(self.template)
         with torch.no_grad():
-            model.net[:-1].load_state_dict(self.body.state_dict())
-            model.net[-1].weight.copy_(self.weight.mean(0))
-            model.net[-1].bias.copy_(self.bias.mean(0))
+            net = cast(nn.Sequential, model.net)  # __init__ checked it: a Sequential ending in an nn.Linear
+            net[:-1].load_state_dict(self.body.state_dict())
+            head = cast(nn.Linear, net[-1])
+            head.weight.copy_(self.weight.mean(0))
+            head.bias.copy_(self.bias.mean(0))
         return model
 
 
@@ -170,8 +173,9 @@ def fit_from_scratch(
     fresh = copy.deepcopy(model)
     torch.manual_seed(seed)
     for module in fresh.modules():
-        if module is not fresh and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if module is not fresh and reset is not None:
+            reset()
     b = x.shape[0]
     params = {
         k: v.detach().unsqueeze(0).repeat(b, *([1] * v.dim())).requires_grad_() for k, v in fresh.named_parameters()

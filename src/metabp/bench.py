@@ -50,6 +50,7 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -107,9 +108,16 @@ class BenchConfig:
         )
 
 
-CONFIGS = {
-    "sinusoid": dict(what="MLP 1-W-W-1, K = 10, 10 queries", meta_batch_size=25, width=40, inner_lr=0.01),
-    "omniglot": dict(what="Conv4, 5-way 1-shot, 15 queries per class", meta_batch_size=16, width=64, inner_lr=0.4),
+class _Defaults(TypedDict):
+    what: str
+    meta_batch_size: int
+    width: int
+    inner_lr: float
+
+
+CONFIGS: dict[str, _Defaults] = {
+    "sinusoid": _Defaults(what="MLP 1-W-W-1, K = 10, 10 queries", meta_batch_size=25, width=40, inner_lr=0.01),
+    "omniglot": _Defaults(what="Conv4, 5-way 1-shot, 15 queries per class", meta_batch_size=16, width=64, inner_lr=0.4),
 }
 
 
@@ -216,13 +224,13 @@ def _listing(problem: Problem) -> Step:
     model = _fresh(problem)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     inner = problem.inner
+    loss = inner.loss
+    assert isinstance(loss, str)  # make_problem names the loss
 
     def step() -> Params | None:
-        article_meta_step(
-            model, optimizer, problem.batch, problem.make_model, inner.inner_lr, inner.inner_steps, inner.loss
-        )
-        grads = {n: p.grad for n, p in model.named_parameters()}
-        return None if all(g is None for g in grads.values()) else grads
+        article_meta_step(model, optimizer, problem.batch, problem.make_model, inner.inner_lr, inner.inner_steps, loss)
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return grads or None
 
     return step
 
@@ -241,7 +249,7 @@ def _floor(per_task: bool) -> Callable[[Problem], Step]:
             torch.autograd.grad(loss_fn(model(x.flatten(0, 1)), y.flatten(0, 1)), params)
 
         def one_task_at_a_time() -> None:
-            for x_t, y_t in zip(x, y):
+            for x_t, y_t in zip(x, y, strict=True):
                 torch.autograd.grad(loss_fn(model(x_t), y_t) / b.num_tasks, params)
 
         return one_task_at_a_time if per_task else all_at_once
@@ -419,6 +427,7 @@ def run(
         elif grads is None:
             result.check = "none: every .grad is None"
         else:
+            assert reference is not None, f"{REFERENCE!r} is checked first"
             result.rel_diff = _rel_diff(grads, reference)
             result.check = ("ok" if result.rel_diff < TOLERANCE else "DIFFERS") + f" ({result.rel_diff:.0e})"
             if "vmap" in result.name and _has_batch_norm(check_problem.model):

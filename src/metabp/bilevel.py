@@ -49,7 +49,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -88,7 +88,7 @@ class TaskBatch(NamedTuple):
         """Task ``i`` alone, still with a task dimension of size 1."""
         return TaskBatch(*(t[i : i + 1] for t in self))
 
-    def to(self, *args, **kwargs) -> TaskBatch:
+    def to(self, *args: Any, **kwargs: Any) -> TaskBatch:
         """Every tensor through ``Tensor.to(*args, **kwargs)``, labels included.
 
         Use it to move a batch to a device (``batch.to("cuda")``, with the model moved
@@ -108,7 +108,7 @@ def check_task_batch(batch: TaskBatch) -> TaskBatch:
     if len(batch) != 4:
         raise ValueError(f"batch must hold 4 tensors (x_spt, y_spt, x_qry, y_qry), got {len(batch)}")
     names = ("x_spt", "y_spt", "x_qry", "y_qry")
-    for name, t in zip(names, batch):
+    for name, t in zip(names, batch, strict=True):
         if not isinstance(t, Tensor) or t.dim() < 2:
             shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(f"{name} must be a tensor of shape (tasks, examples, ...), got {shape}")
@@ -117,7 +117,7 @@ def check_task_batch(batch: TaskBatch) -> TaskBatch:
         raise ValueError(
             f"batch must hold at least one task, got an empty meta-batch: x_spt {tuple(batch.x_spt.shape)}"
         )
-    for name, t in zip(names, batch):
+    for name, t in zip(names, batch, strict=True):
         if t.shape[0] != b:
             raise ValueError(f"{name} has {t.shape[0]} tasks but x_spt has {b}; all four must agree")
     for name in ("x_spt", "x_qry"):
@@ -231,7 +231,7 @@ def check_inputs(params: Mapping[str, Tensor], batch: TaskBatch) -> None:
     p = next(iter(params.values()), None)
     if p is None:
         raise ValueError("params must hold at least one tensor")
-    for name, t in zip(TaskBatch._fields, batch):
+    for name, t in zip(TaskBatch._fields, batch, strict=True):
         if t.device != p.device:
             raise ValueError(
                 f"batch.{name} is on {t.device} but the parameters are on {p.device}; "
@@ -278,7 +278,8 @@ def forward(model: nn.Module, params: Mapping[str, Tensor], x: Tensor) -> Tensor
     ``objective`` for :func:`inner_step`.
     """
     buffers = dict(model.named_buffers())
-    return functional_call(model, (dict(params), buffers), (x,))
+    out: Tensor = functional_call(model, (dict(params), buffers), (x,))
+    return out
 
 
 def inner_step(
@@ -492,14 +493,21 @@ def check_meta_batch(
         check_running_stats(model)
 
 
-def _meta_loss(model, params, batch, inner, vectorize, lrs) -> Tensor:
+def _meta_loss(
+    model: nn.Module,
+    params: Params,
+    batch: TaskBatch,
+    inner: InnerLoop,
+    vectorize: bool,
+    lrs: Mapping[str, Tensor] | None,
+) -> Tensor:
     if vectorize:
 
         def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
             return task_loss(model, params, x_spt, y_spt, x_qry, y_qry, inner, lrs)
 
         return vmap(one_task)(*batch).mean()
-    losses = [task_loss(model, params, *task, inner, lrs) for task in zip(*batch)]
+    losses = [task_loss(model, params, *task, inner, lrs) for task in zip(*batch, strict=True)]
     return torch.stack(losses).mean()
 
 
@@ -568,16 +576,16 @@ def meta_gradient(
             raise ValueError("per_task=True backpropagates task by task; it needs vectorize=False")
         check_meta_batch(model, params, batch, inner, False, lrs)
         total = {n: torch.zeros_like(params[n]) for n in names}
-        for task in zip(*batch):
+        for task in zip(*batch, strict=True):
             loss = task_loss(model, params, *task, inner, lrs) / batch.num_tasks
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-            for n, g in zip(names, grads):
+            for n, g in zip(names, grads, strict=True):
                 if g is not None:
                     total[n] += g
         return total
     loss = meta_loss(model, params, batch, inner, vectorize, lrs)
     grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads)}
+    return {n: torch.zeros_like(params[n]) if g is None else g for n, g in zip(names, grads, strict=True)}
 
 
 def meta_step(
@@ -608,7 +616,8 @@ def make_optimizer(
     optimizers = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
     if name not in optimizers:
         raise ValueError(f"optimizer must be one of {tuple(optimizers)}, got {name!r}")
-    return optimizers[name](params, lr=meta_lr)
+    optimizer: torch.optim.Optimizer = optimizers[name](params, lr=meta_lr)
+    return optimizer
 
 
 def meta_gradient_fn(
@@ -617,7 +626,7 @@ def meta_gradient_fn(
     vectorize: bool = VECTORIZE,
     compile: bool = False,
     meta_sgd: bool = False,
-) -> Callable:
+) -> Callable[..., tuple[Params, Tensor]]:
     """A pure function ``(params, batch) -> (meta-gradient dict, meta-loss)``.
 
     The whole meta-gradient, outer derivative included, is one ``torch.func``
@@ -650,11 +659,12 @@ def meta_gradient_fn(
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         fn = _compiled_or_eager(fn)
 
-    def checked(params: Params, batch: TaskBatch, *lrs: Params):
+    def checked(params: Params, batch: TaskBatch, *lrs: Params) -> tuple[Params, Tensor]:
         if len(lrs) != int(meta_sgd):
             raise ValueError("lrs: pass Meta-SGD's step sizes exactly when meta_gradient_fn(meta_sgd=True)")
         check_meta_batch(model, params, TaskBatch(*batch), inner, vectorize, lrs[0] if lrs else None)
-        return fn(params, batch, *lrs)
+        out: tuple[Params, Tensor] = fn(params, batch, *lrs)
+        return out
 
     return checked
 
@@ -675,7 +685,7 @@ def _compiled_or_eager(fn: Callable) -> Callable:
     compiled = torch.compile(fn)
     use = [compiled]
 
-    def call(*args):
+    def call(*args: Any) -> Any:
         if use[0] is fn:
             return fn(*args)
         try:

@@ -38,14 +38,18 @@ import threading
 from collections.abc import Sequence
 from dataclasses import fields, replace
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import torch
 
 from .checkpoint import CheckpointError
 from .checks import DivergenceError
+from .convnet import Conv4
 from .data import DataError
 from .distributed import PeerError
 from .fewshot import ALGORITHMS, FewShotConfig
+from .tasks import TaskBatch
 
 #: Named configurations. 'chapter' is what chapter 6.1 trains. The paper presets are
 #: MAML's Omniglot settings (Finn et al., 2017, section 5.2 and appendix A.1: 64 filters,
@@ -93,7 +97,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and exit status 2), and a negative
     number in scientific notation (``--meta-lr -1e-3``) is a value, not an option."""
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -430,7 +434,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
-def _adapted_accuracy(args: argparse.Namespace, model, config, batch) -> torch.Tensor:
+def _adapted_accuracy(args: argparse.Namespace, model: Conv4, config: FewShotConfig, batch: TaskBatch) -> torch.Tensor:
     from .fewshot import accuracy
 
     steps = None if args.steps is None else [args.steps]
@@ -488,7 +492,7 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     runs = load_runs(folder)
     acc = _adapted_accuracy(args, model, config, runs_as_tasks(runs).to(device)).cpu()
     errors = [100.0 * (1.0 - a) for a in acc.tolist()]
-    for run, err in zip(runs, errors):
+    for run, err in zip(runs, errors, strict=True):
         print(f"{run.name}: error {err:.1f}%")
     print(f"error_percent: {sum(errors) / len(errors):.2f}")
     return 0
@@ -536,7 +540,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sigterm(signum, frame) -> None:
+def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 

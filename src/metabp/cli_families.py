@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import fields, replace
+from dataclasses import Field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ HELP = {
 CHECKPOINT_EVERY = {"sinusoid": 1000, "navigation": 25}
 
 
-def _field_type(f) -> type:
+def _field_type(f: Field[Any]) -> type:
     name = f.type if isinstance(f.type, str) else f.type.__name__
     return {"int": int, "float": float, "str": str, "bool": bool}[name]
 
@@ -87,7 +87,8 @@ def job_prelude(args: argparse.Namespace, group: distributed.Group, decide: Call
             print(f"torchrun restart {distributed.restart_count()}: resuming from {args.out}", file=sys.stderr)
             resume = True
         answer = (resume, decide(resume))
-    return group.broadcast(answer)
+    decided: tuple[bool, Any] = group.broadcast(answer)
+    return decided
 
 
 def _steps(text: str, name: str, kind: type) -> list:
@@ -158,10 +159,10 @@ def train(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``evaluate sinusoid|navigation``."""
-    from .families import evaluate_navigation, evaluate_sinusoid, load_model
+    from .families import SinusoidConfig, evaluate_navigation, evaluate_sinusoid, load_model
 
     model, config, _ = load_model(args.checkpoint, args.family)
-    if args.family == "sinusoid":
+    if isinstance(config, SinusoidConfig):  # load_model checked that it is args.family's
         steps = _steps(args.steps, "--steps", int)
         if any(s < 0 for s in steps) or steps != sorted(steps):
             raise ValueError(f"--steps must be non-decreasing integers >= 0, got {args.steps!r}")
@@ -170,7 +171,7 @@ def evaluate(args: argparse.Namespace) -> int:
             print(f"{s:3d} steps: query MSE {mean:.3f} +- {half:.3f} ({args.tasks} tasks, K = {args.shots})")
         return 0
     lrs = _steps(args.inner_lrs, "--inner-lrs", float)
-    results = evaluate_navigation(model, config, tuple(lrs), args.trajectories, args.seed)
-    for k, (mean, half) in enumerate(results):
+    returns = evaluate_navigation(model, config, tuple(lrs), args.trajectories, args.seed)
+    for k, (mean, half) in enumerate(returns):
         print(f"{k} steps: mean return {mean:.2f} +- {half:.2f} (40 goals, {args.trajectories} episodes each)")
     return 0

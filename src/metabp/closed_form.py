@@ -55,7 +55,7 @@ def closed_form_meta_gradient(
     nonnegative_int("steps", steps)
     dim = w.shape[0]
     total = torch.zeros_like(w)
-    for xs, ys, xq, yq in zip(*batch):
+    for xs, ys, xq, yq in zip(*batch, strict=True):
         a, b = least_squares_terms(xs, ys)
         wk = w.clone()
         for _ in range(steps):
@@ -78,7 +78,7 @@ def implicit_meta_gradient(w: Tensor, batch: TaskBatch, lam: float) -> Tensor:
     positive_float("lam", lam)
     eye = torch.eye(w.shape[0], dtype=w.dtype)
     total = torch.zeros_like(w)
-    for xs, ys, xq, yq in zip(*batch):
+    for xs, ys, xq, yq in zip(*batch, strict=True):
         a, b = least_squares_terms(xs, ys)
         phi = torch.linalg.solve(a + lam * eye, b + lam * w)
         total += lam * torch.linalg.solve(a + lam * eye, query_gradient(xq, yq, phi))

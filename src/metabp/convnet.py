@@ -118,10 +118,12 @@ class Conv4(nn.Module):
 
     def embed(self, x: Tensor) -> Tensor:
         """Features ``(n, hidden)`` of images ``(n, C, H, W)``."""
-        return self.features(x).mean(dim=(-2, -1))
+        features: Tensor = self.features(x)
+        return features.mean(dim=(-2, -1))
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.embed(x))
+        out: Tensor = self.head(self.embed(x))
+        return out
 
     def with_ways(self, ways: int) -> Conv4:
         """A copy that classifies ``ways`` classes, for tasks of another width than training's.

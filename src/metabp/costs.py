@@ -225,12 +225,12 @@ def meta_loss_autograd(model: nn.Module, params: Params, batch: TaskBatch, inner
     check_task_batch(batch)
     loss_fn = inner.loss_fn
     losses = []
-    for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+    for x_spt, y_spt, x_qry, y_qry in zip(*batch, strict=True):
         p = dict(params)
         for _ in range(inner.inner_steps):
             names = [k for k in p if inner.adapts(k)]
             support = loss_fn(forward(model, p, x_spt), y_spt)
             grads = torch.autograd.grad(support, [p[k] for k in names], create_graph=not inner.first_order)
-            p = {**p, **{k: p[k] - inner.inner_lr * g for k, g in zip(names, grads)}}
+            p = {**p, **{k: p[k] - inner.inner_lr * g for k, g in zip(names, grads, strict=True)}}
         losses.append(loss_fn(forward(model, p, x_qry), y_qry))
     return torch.stack(losses).mean()

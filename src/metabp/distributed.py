@@ -36,16 +36,21 @@ resumed under torchrun reads its checkpoint on rank 0 and broadcasts it
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .checks import check_finite, positive_int
 from .tasks import TaskBatch
+
+if TYPE_CHECKING:
+    from .metarl import MetaRL
+    from .navigation import Navigation2D
 
 #: Variables torchrun sets for every worker; :func:`init` needs all of them for a distributed run.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -159,7 +164,7 @@ class Group:
         import torch.distributed as dist
 
         for t in list(module.parameters()) + list(module.buffers()):
-            self._collective(lambda t=t: dist.broadcast(t.data, src=0))
+            self._collective(functools.partial(dist.broadcast, t.data, src=0))
 
     def barrier(self) -> None:
         if self.distributed:
@@ -258,13 +263,16 @@ class SummedOptimizer:
             has = [p.grad is not None for p in params]
             ref = params[0]
             flat = torch.cat(
-                [(p.grad if h else torch.zeros_like(p)).reshape(-1) * self.weight for p, h in zip(params, has)]
+                [
+                    (p.grad if h else torch.zeros_like(p)).reshape(-1) * self.weight
+                    for p, h in zip(params, has, strict=True)
+                ]
                 + [torch.tensor(has, dtype=ref.dtype, device=ref.device)]
             )
             self.group.all_sum_(flat)
             counts = flat[-len(params) :]
             offset = 0
-            for p, n, c in zip(params, sizes, counts.tolist()):
+            for p, n, c in zip(params, sizes, counts.tolist(), strict=True):
                 p.grad = flat[offset : offset + n].view_as(p).clone() if c > 0 else None
                 offset += n
             check_finite(
@@ -322,7 +330,9 @@ class TaskShard:
         return self.group.all_sum_(t)[0]
 
 
-def shard_iteration(iteration: Callable, group: Group | None) -> Callable:
+def shard_iteration(
+    iteration: Callable[..., tuple[float, float]], group: Group | None
+) -> Callable[..., tuple[float, float]]:
     """Wrap :func:`metabp.metarl.meta_iteration` so that it plays and learns from this rank's goals only.
 
     Same signature as ``meta_iteration(env, policy, optimizer, goals, cfg, generator)``;
@@ -335,7 +345,14 @@ def shard_iteration(iteration: Callable, group: Group | None) -> Callable:
     if group is None or not group.distributed:
         return iteration
 
-    def sharded(env, policy, optimizer, goals, cfg, generator=None):
+    def sharded(
+        env: Navigation2D,
+        policy: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        goals: Tensor,
+        cfg: MetaRL,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, float]:
         if cfg.count_steps:
             raise ValueError(
                 "count_steps=True is not sharded across processes (a round's length depends on "

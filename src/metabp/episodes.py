@@ -241,7 +241,7 @@ class L2LEpisodeSampler:
             tasks = [self._split(*self.taskset.sample()) for _ in range(num_tasks)]
         finally:
             random.setstate(state)
-        return TaskBatch(*(torch.stack(parts) for parts in zip(*tasks)))
+        return TaskBatch(*(torch.stack(parts) for parts in zip(*tasks, strict=True)))
 
     def __call__(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         return self.sample(num_tasks, generator)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Mapping, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +115,7 @@ def adaptation_curve(
         with torch.no_grad():
             if vectorize:
                 return vmap(one_task, chunk_size=chunk_size)(*batch).T.contiguous()
-            return torch.stack([one_task(*task) for task in zip(*batch)], 1)
+            return torch.stack([one_task(*task) for task in zip(*batch, strict=True)], 1)
     except RuntimeError as error:
         better = _input_error(error, batch)
         if better is None:
@@ -129,7 +129,7 @@ def evaluate(
     inner: InnerLoop,
     steps: Sequence[int],
     metric: str = "loss",
-    **kwargs,
+    **kwargs: Any,
 ) -> dict[int, tuple[float, float]]:
     """``{steps: (mean, 95% half-width)}`` of the query metric over the tasks in ``batch``."""
     curve = adaptation_curve(model, batch, inner, steps, metric, **kwargs)

@@ -47,7 +47,9 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Sequence
 from types import ModuleType
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor, nn
@@ -94,22 +96,32 @@ def l2l_wrap(model: nn.Module, inner: InnerLoop) -> nn.Module:
     if not isinstance(inner, InnerLoop):
         raise ValueError(f"inner must be an InnerLoop (as for metabp.bilevel), got {inner!r}")
     check_adapt_names(model, inner)
-    return l2l.algorithms.MAML(model, lr=inner.inner_lr, first_order=inner.first_order)
+    maml: nn.Module = l2l.algorithms.MAML(model, lr=inner.inner_lr, first_order=inner.first_order)
+    return maml
+
+
+class _L2LClone(Protocol):
+    """What metabp uses of a clone of learn2learn's ``MAML`` wrapper."""
+
+    module: nn.Module
+
+    def adapt(self, loss: Tensor) -> None: ...
 
 
 def l2l_adapt(learner: nn.Module, loss: Tensor, inner: InnerLoop) -> None:
     """One inner step on a clone, in place: learn2learn's ``adapt(loss)``, or, when
     ``inner.adapt_only`` names some parameters (ANIL), learn2learn's ``maml_update``
     with gradients for those parameters only."""
+    clone = cast(_L2LClone, learner)  # learn2learn ships no types
     if inner.adapt_only is None:
-        learner.adapt(loss)
+        clone.adapt(loss)
         return
     from learn2learn.algorithms.maml import maml_update
 
-    named = list(learner.module.named_parameters())
+    named = list(clone.module.named_parameters())
     chosen = [p for n, p in named if inner.adapts(n)]
     grads = iter(torch.autograd.grad(loss, chosen, create_graph=not inner.first_order))
-    maml_update(learner.module, inner.inner_lr, [next(grads) if inner.adapts(n) else None for n, _ in named])
+    maml_update(clone.module, inner.inner_lr, [next(grads) if inner.adapts(n) else None for n, _ in named])
 
 
 def l2l_task_loss(
@@ -126,7 +138,7 @@ def l2l_task_loss(
 def l2l_meta_loss(maml: nn.Module, batch: TaskBatch, inner: InnerLoop) -> Tensor:
     """Mean post-adaptation query loss over the meta-batch, learn2learn style."""
     check_task_batch(batch)
-    losses = [l2l_task_loss(maml, *task, inner) for task in zip(*batch)]
+    losses = [l2l_task_loss(maml, *task, inner) for task in zip(*batch, strict=True)]
     return torch.stack(losses).mean()
 
 
@@ -169,8 +181,8 @@ def _check(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -> None:
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
 
 
-def _named(model: nn.Module, grads) -> Params:
-    return {name: g for (name, _), g in zip(model.named_parameters(), grads)}
+def _named(model: nn.Module, grads: Sequence[Tensor]) -> Params:
+    return {name: g for (name, _), g in zip(model.named_parameters(), grads, strict=True)}
 
 
 def higher_meta_gradient(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -> Params:

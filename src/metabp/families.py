@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
@@ -30,7 +30,13 @@ from . import checkpoint, distributed
 from .bilevel import InnerLoop, get_params, make_optimizer, meta_gradient_fn, meta_step
 from .checks import nonnegative_int, one_of, positive_float, positive_int
 
+if TYPE_CHECKING:
+    from .metarl import MetaRL
+    from .navigation import Navigation2D
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+C = TypeVar("C", "SinusoidConfig", "NavigationConfig")
 
 
 def _check_common(config: Any) -> None:
@@ -42,7 +48,7 @@ def _check_common(config: Any) -> None:
         raise ValueError(f"cosine must be True or False, got {config.cosine!r}")
 
 
-def _from_dict(cls, values: dict[str, Any]):
+def _from_dict(cls: type[C], values: dict[str, Any]) -> C:
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -130,10 +136,10 @@ class NavigationConfig:
         _check_common(self)
         positive_int("hidden", self.hidden)
         positive_int("horizon", self.horizon)
-        self.metarl  # validates the rest
+        _ = self.metarl  # the property validates the rest
 
     @property
-    def metarl(self):
+    def metarl(self) -> MetaRL:
         from .metarl import MetaRL
 
         return MetaRL(
@@ -152,7 +158,7 @@ class NavigationConfig:
         )
 
     @property
-    def env(self):
+    def env(self) -> Navigation2D:
         from .navigation import Navigation2D
 
         return Navigation2D(horizon=self.horizon)
@@ -165,12 +171,17 @@ class NavigationConfig:
         return _from_dict(cls, values)
 
 
-CONFIGS = {"sinusoid": SinusoidConfig, "navigation": NavigationConfig}
+Config = SinusoidConfig | NavigationConfig
+CONFIGS: dict[str, type[SinusoidConfig] | type[NavigationConfig]] = {
+    "sinusoid": SinusoidConfig,
+    "navigation": NavigationConfig,
+}
 
 
 def build_model(family: str, config: Any) -> nn.Module:
     """The seeded network of ``config`` (``torch.manual_seed(config.seed)`` first, as the chapters do)."""
     torch.manual_seed(config.seed)
+    model: nn.Module
     if family == "sinusoid":
         from .models import SineNet
 
@@ -182,7 +193,7 @@ def build_model(family: str, config: Any) -> nn.Module:
     return model.to(DTYPES[config.dtype])
 
 
-def load_model(path: Path | str, family: str) -> tuple[nn.Module, Any, dict[str, Any]]:
+def load_model(path: Path | str, family: str) -> tuple[nn.Module, Config, dict[str, Any]]:
     """The network, configuration and raw state of a checkpoint written by :func:`train`."""
     state = checkpoint.load(path)
     try:
@@ -214,7 +225,7 @@ def _sinusoid_iteration(model: nn.Module, config: SinusoidConfig, group: distrib
     inner = config.inner
     grad_fn = meta_gradient_fn(model, inner, vectorize=True, compile=True) if config.compile else None
 
-    def step(model: nn.Module, optimizer: Any, batch: TaskBatch) -> float:
+    def one_step(model: nn.Module, optimizer: Any, batch: TaskBatch) -> float:
         if grad_fn is None:
             return meta_step(model, optimizer, batch, inner, vectorize=True)
         optimizer.zero_grad(set_to_none=True)
@@ -223,9 +234,9 @@ def _sinusoid_iteration(model: nn.Module, config: SinusoidConfig, group: distrib
         for k, p in params.items():
             p.grad = grads[k]
         optimizer.step()
-        return loss.item()
+        return float(loss.item())
 
-    step = distributed.shard_step(step, group)
+    step = distributed.shard_step(one_step, group)
 
     def iteration(optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
         batch = family.sample(config.meta_batch_size, generator, dtype)
@@ -251,7 +262,7 @@ def _navigation_iteration(model: nn.Module, config: NavigationConfig, group: dis
 
 def train(
     family: str,
-    config: Any,
+    config: Config,
     out: Path | str | None = None,
     resume: bool = False,
     checkpoint_every: int = 1000,
@@ -304,7 +315,11 @@ def train(
         generator.set_state(state["generator"])
         log = {k: list(v) for k, v in state["log"].items()}
         seconds, start = float(state["seconds"]), int(state["iteration"])
-    iteration = (_sinusoid_iteration if family == "sinusoid" else _navigation_iteration)(model, config, group)
+    iteration = (
+        _sinusoid_iteration(model, config, group)
+        if isinstance(config, SinusoidConfig)
+        else _navigation_iteration(model, config, group)
+    )
     end = config.iterations if stop_after is None else min(config.iterations, stop_after)
     began = time.perf_counter() - seconds
     bar = tqdm(

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -126,12 +126,14 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBa
     """
     optimizer.zero_grad(set_to_none=True)
     if config.algorithm == "protonet":
-        loss = protonet.loss(model, batch)
+        loss = protonet.loss(cast(protonet.Embedder, model), batch)  # a network with embed, as Conv4
     else:
         # A Python loop over the episodes: exact through batch norm (vmap's second
         # derivatives of nn.BatchNorm2d are not, see metabp.convnet) and, on a CPU,
         # no slower than vmap for this network.
-        loss = meta_loss(model, get_params(model), batch, config.inner, vectorize=False)
+        inner = config.inner
+        assert inner is not None  # every algorithm but protonet has an inner loop
+        loss = meta_loss(model, get_params(model), batch, inner, vectorize=False)
     loss.backward()
     check_finite(loss.detach(), [p.grad for p in model.parameters()], **_learning_rates(config))
     optimizer.step()
@@ -178,10 +180,12 @@ def accuracy(
     ways = int(batch.y_spt.max()) + 1
     if ways != model.ways:
         model = model.with_ways(ways)
+    trained = config.inner
+    assert trained is not None  # protonet, the one algorithm without an inner loop, returned above
     inner = (
-        config.inner
+        trained
         if inner_lr is None
-        else InnerLoop("cross_entropy", inner_lr, config.inner_steps, True, config.inner.adapt_only)
+        else InnerLoop("cross_entropy", inner_lr, config.inner_steps, True, trained.adapt_only)
     )
     steps = [default_test_steps(config)] if steps is None else list(steps)
     return adaptation_curve(model, batch, inner, steps, metric="accuracy", chunk_size=chunk_size)

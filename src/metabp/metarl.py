@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -42,6 +43,9 @@ from .navigation import (
     rollout_steps,
 )
 from .training import History, fit
+
+if TYPE_CHECKING:
+    from .distributed import TaskShard
 
 ESTIMATORS = ("naive", "lvc")
 
@@ -203,7 +207,7 @@ def meta_iteration(
     goals: Tensor,
     cfg: MetaRL,
     generator: torch.Generator | None = None,
-    shard=None,
+    shard: TaskShard | None = None,
 ) -> tuple[float, float]:
     """Sample, adapt, sample again, and take ``cfg.outer_epochs`` outer steps.
 
@@ -243,7 +247,7 @@ def meta_iteration(
     return first, _mean_return(traj, shard)
 
 
-def _mean_return(traj: Trajectories, shard) -> float:
+def _mean_return(traj: Trajectories, shard: TaskShard | None) -> float:
     """Mean over tasks of each task's mean return (over every process's tasks with ``shard``)."""
     if shard is None:
         return traj.mean_return().mean().item()
@@ -276,7 +280,8 @@ def meta_train(
     generator = torch.Generator().manual_seed(seed)
     std = [p for n, p in policy.named_parameters() if n == "log_std"]
     rest = [p for n, p in policy.named_parameters() if n != "log_std"]
-    optimizer = torch.optim.Adam([{"params": rest}, {"params": std, "lr": cfg.std_lr or cfg.meta_lr}], lr=cfg.meta_lr)
+    groups: list[dict[str, Any]] = [{"params": rest}, {"params": std, "lr": cfg.std_lr or cfg.meta_lr}]
+    optimizer = torch.optim.Adam(groups, lr=cfg.meta_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, iterations) if cfg.cosine else None
 
     def step(goals: Tensor) -> dict[str, float]:
@@ -342,7 +347,7 @@ def _play(
     generator: torch.Generator | None,
     batched: bool,
     lockstep: bool = False,
-    shard=None,
+    shard: TaskShard | None = None,
 ) -> Trajectories:
     """``num_trajectories`` episodes per goal, or (``min_steps`` set) :func:`rollout_steps` in rounds of that many,
     or (``lockstep`` too) :func:`rollout_lockstep` on that many slots."""

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .checks import one_of, positive_float, positive_int
+
+if TYPE_CHECKING:
+    from .distributed import TaskShard
 
 REWARDS = ("distance", "squared")
 TERMINATIONS = ("box", "circle")
@@ -172,8 +175,11 @@ def distribution(
     parameters in and out of the module costs more than the arithmetic there (a test
     checks that both give the same values). Any other module goes through ``functional_call``.
     """
-    if not batched and not isinstance(policy, GaussianMLPPolicy):
-        return functional_call(policy, dict(params), (obs,))
+    if not isinstance(policy, GaussianMLPPolicy):
+        if batched:
+            raise ValueError(f"policy must be a GaussianMLPPolicy when batched=True, got {type(policy).__name__}")
+        out: tuple[Tensor, Tensor] = functional_call(policy, dict(params), (obs,))
+        return out
     x = obs
     for name, layer in policy.net.named_children():
         if isinstance(layer, nn.Linear):
@@ -250,7 +256,7 @@ def rollout(
     num_trajectories: int,
     generator: torch.Generator | None = None,
     batched: bool = False,
-    shard=None,
+    shard: TaskShard | None = None,
 ) -> Trajectories:
     """Play ``num_trajectories`` episodes on each goal in ``goals`` ``(B, 2)``, all at once.
 
@@ -277,7 +283,10 @@ def rollout(
         else:
             a = mean + std * shard.noise(mean.shape, generator, mean.dtype)
         new_pos, r, done = env.step(pos, a, goal)
-        obs.append(pos), act.append(a), rew.append(r), mask.append(alive)
+        obs.append(pos)
+        act.append(a)
+        rew.append(r)
+        mask.append(alive)
         pos = torch.where(alive.unsqueeze(-1) > 0, new_pos, pos)
         alive = alive * (~done).to(alive.dtype)
     played = len(obs)
@@ -326,16 +335,18 @@ def rollout_steps(
         count = int(((min_steps - played[need]) / mean_length).ceil().max().item())
         sub = {k: v[need] for k, v in params.items()} if batched else params
         more = rollout(env, policy, sub, goals[need], count, generator, batched)
-        rounds.append(more), owners.append(need), slots.append(episodes[need].tolist())
+        rounds.append(more)
+        owners.append(need)
+        slots.append(episodes[need].tolist())
         played[need] += more.mask.sum((1, 2))
         episodes[need] += count
     width = int(episodes.max())
 
     def merge(name: str) -> Tensor:  # each goal's episodes, round after round, zero-padded to width
-        parts = [getattr(part, name) for part in rounds]
+        parts: list[Tensor] = [getattr(part, name) for part in rounds]
         out = parts[0].new_zeros((b, width) + parts[0].shape[2:])
-        for x, who, first in zip(parts, owners, slots):
-            for i, (task, start) in enumerate(zip(who.tolist(), first)):
+        for x, who, first in zip(parts, owners, slots, strict=True):
+            for i, (task, start) in enumerate(zip(who.tolist(), first, strict=True)):
                 out[task, start : start + x.shape[1]] = x[i]
         return out
 
@@ -485,7 +496,7 @@ def linear_baseline(obs: Tensor, target: Tensor, mask: Tensor, reg: float = 1e-5
     x = baseline_features(obs, mask).reshape(b, -1, 2 * obs.shape[-1] + 4)
     y = (target * mask).reshape(b, -1, 1)
     eye = torch.eye(x.shape[-1], dtype=x.dtype)
-    w = torch.linalg.solve(x.transpose(1, 2) @ x + reg * eye, x.transpose(1, 2) @ y)
+    w: Tensor = torch.linalg.solve(x.transpose(1, 2) @ x + reg * eye, x.transpose(1, 2) @ y)
     return (x @ w).reshape(target.shape)
 
 

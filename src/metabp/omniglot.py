@@ -332,8 +332,8 @@ def decode(path: Path | str, size: int = IMAGE_SIZE) -> torch.Tensor:
     Lanczos filter (as MAML's preprocessing does) and inverted.
     """
     with Image.open(path) as im:
-        im = im.convert("L").resize((size, size), Image.Resampling.LANCZOS)
-        pixels = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size)
+        small = im.convert("L").resize((size, size), Image.Resampling.LANCZOS)
+        pixels = torch.frombuffer(bytearray(small.tobytes()), dtype=torch.uint8).view(size, size)
     return 255 - pixels
 
 

@@ -10,9 +10,11 @@ meta-parameters.
 
 from __future__ import annotations
 
+from typing import Any
+
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
-from matplotlib.figure import Figure
+from matplotlib.figure import Figure, SubFigure
 from matplotlib.patches import FancyBboxPatch
 
 from .checks import positive_int
@@ -36,13 +38,13 @@ def _box(ax: Axes, x: float, y: float, w: float, h: float, text: str, color: str
     ax.text(x, y, text, ha="center", va="center", fontsize=fontsize)
 
 
-def _arrow(ax: Axes, start: tuple[float, float], end: tuple[float, float], **style) -> None:
+def _arrow(ax: Axes, start: tuple[float, float], end: tuple[float, float], **style: Any) -> None:
     props = dict(arrowstyle="-|>", color=COLORS["edge"], lw=1.3, shrinkA=0, shrinkB=0)
     props.update(style)
     ax.annotate("", xy=end, xytext=start, arrowprops=props)
 
 
-def bilevel_diagram(tasks: int = 2, ax: Axes | None = None) -> Figure:
+def bilevel_diagram(tasks: int = 2, ax: Axes | None = None) -> Figure | SubFigure:
     """Draw the bilevel loop of MAML-style meta-learning and return the figure.
 
     Args:
@@ -60,6 +62,7 @@ def bilevel_diagram(tasks: int = 2, ax: Axes | None = None) -> Figure:
     mid = (rows[0] + rows[-1]) / 2
     title_y = rows[0] + 1.55
     bottom = rows[-1] - 1.35
+    fig: Figure | SubFigure
     if ax is None:
         fig, ax = plt.subplots(figsize=(11, 0.62 * (title_y - bottom + 1.2)))
     else:

@@ -14,6 +14,7 @@ batch normalisation sees the whole episode.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,12 @@ from torch.func import vmap
 from .tasks import TaskBatch, check_task_batch
 
 Embed = Callable[[Tensor], Tensor]
+
+
+class Embedder(Protocol):
+    """A network with an ``embed`` method, inputs to feature vectors (e.g. :class:`~metabp.convnet.Conv4`)."""
+
+    def embed(self, x: Tensor) -> Tensor: ...
 
 
 def prototypes(z_spt: Tensor, y_spt: Tensor, ways: int) -> Tensor:
@@ -42,7 +49,7 @@ def _ways(batch: TaskBatch) -> int:
     return int(batch.y_spt.max()) + 1
 
 
-def loss(model: nn.Module, batch: TaskBatch, embed: Embed | None = None) -> Tensor:
+def loss(model: Embedder, batch: TaskBatch, embed: Embed | None = None) -> Tensor:
     """Mean query cross-entropy over the tasks of ``batch`` (tasks mapped with ``vmap``).
 
     Args:
@@ -60,7 +67,7 @@ def loss(model: nn.Module, batch: TaskBatch, embed: Embed | None = None) -> Tens
     return vmap(one_task)(*batch).mean()
 
 
-def accuracy(model: nn.Module, batch: TaskBatch, chunk_size: int | None = None) -> Tensor:
+def accuracy(model: Embedder, batch: TaskBatch, chunk_size: int | None = None) -> Tensor:
     """Query accuracy of every task, ``(B,)``, without gradients."""
     check_task_batch(batch)
     ways = _ways(batch)
@@ -75,7 +82,7 @@ def accuracy(model: nn.Module, batch: TaskBatch, chunk_size: int | None = None) 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBatch) -> float:
     """One episode-batch update of the embedding; returns the loss before the update."""
     optimizer.zero_grad(set_to_none=True)
-    value = loss(model, batch)
+    value = loss(cast(Embedder, model), batch)  # a network with embed, as Conv4
     value.backward()
     optimizer.step()
-    return value.item()
+    return float(value.item())

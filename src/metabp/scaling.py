@@ -27,20 +27,27 @@ import socket
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import distributed
 from .checks import positive_int
 
+if TYPE_CHECKING:
+    from multiprocessing.queues import SimpleQueue
+
+    from .families import Config
+
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
-def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
+def _worker(rank: int, world: int, port: int, spec: dict[str, Any], queue: SimpleQueue) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -66,7 +73,7 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
             return time.perf_counter() - began
 
         rows = []
-        for block in range(spec["blocks"]):
+        for _block in range(spec["blocks"]):
             group.barrier()
             reference = []
             if group.main:
@@ -85,12 +92,12 @@ def _worker(rank: int, world: int, port: int, spec: dict, queue) -> None:
             for _ in range(repeats):
                 group.barrier()
                 began = time.perf_counter()
-                comm = sharded()
+                comm_s = sharded()
                 steps.append(time.perf_counter() - began)
-                comms.append(comm)
+                comms.append(comm_s)
             import torch.distributed as dist
 
-            gathered = [None] * world
+            gathered: list[Any] = [None] * world
             dist.all_gather_object(gathered, (steps, comms))
             if group.main:
                 step = [max(s[i] for s, _ in gathered) for i in range(repeats)]
@@ -146,7 +153,7 @@ def measure(
     torch.multiprocessing.start_processes(
         _worker, (processes, _free_port(), spec, queue), nprocs=processes, join=True, start_method="spawn"
     )
-    result = queue.get()
+    result: dict[str, Any] = queue.get()
     result["describe"] = config.describe()
     return result
 
@@ -170,7 +177,7 @@ def format_report(result: dict, processes: int, threads: int) -> str:
         )
     ref_all = [t for row in result["rows"] for t in row["reference"]]
     step_all = [t for row in result["rows"] for t in row["step"]]
-    share = [c / s for row in result["rows"] for c, s in zip(row["comm"], row["step"])]
+    share = [c / s for row in result["rows"] for c, s in zip(row["comm"], row["step"], strict=True)]
     ratio = statistics.median(ref_all) / statistics.median(step_all)
     lines += [
         f"all rounds: 1x{processes * threads} median {statistics.median(ref_all) * ms:.1f} ms "
@@ -212,7 +219,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_worker(rank: int, world: int, port: int, family: str, config_dict: dict, queue) -> None:
+def _train_worker(
+    rank: int, world: int, port: int, family: str, config_dict: dict[str, Any], queue: SimpleQueue
+) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
@@ -229,7 +238,7 @@ def _train_worker(rank: int, world: int, port: int, family: str, config_dict: di
         distributed.shutdown()
 
 
-def compare_processes(family: str, config, processes: int = 2) -> dict[str, float]:
+def compare_processes(family: str, config: Config, processes: int = 2) -> dict[str, float]:
     """Train ``config`` of ``family`` in one process and in ``processes`` (gloo, 127.0.0.1).
 
     Returns the largest absolute difference of the final parameters between the

@@ -8,12 +8,19 @@ dimension ``B``: ``x_spt`` ``(B, K, ...)``, ``y_spt`` ``(B, K, ...)``,
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from .bilevel import TaskBatch, check_task_batch  # noqa: F401  (defined with the core)
 from .checks import positive_int
+
+
+class TaskFamily(Protocol):
+    """What samples meta-batches: ``sample(num_tasks, generator)`` gives a :class:`TaskBatch`."""
+
+    def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch: ...
 
 
 class SinusoidTasks:
@@ -55,12 +62,14 @@ class SinusoidTasks:
         )
 
     @staticmethod
-    def _uniform(shape, bounds, generator, dtype) -> Tensor:
+    def _uniform(
+        shape: tuple[int, ...], bounds: tuple[float, float], generator: torch.Generator | None, dtype: torch.dtype
+    ) -> Tensor:
         lo, hi = bounds
-        return lo + (hi - lo) * torch.rand(shape, generator=generator, dtype=dtype)
+        return torch.rand(shape, generator=generator, dtype=dtype) * (hi - lo) + lo
 
     def sample_functions(
-        self, num_tasks: int, generator: torch.Generator | None = None, dtype=torch.float32
+        self, num_tasks: int, generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32
     ) -> tuple[Tensor, Tensor]:
         """Draw ``num_tasks`` amplitudes and phases, each of shape ``(num_tasks, 1, 1)``."""
         positive_int("num_tasks", num_tasks)
@@ -72,7 +81,7 @@ class SinusoidTasks:
         self,
         num_tasks: int,
         generator: torch.Generator | None = None,
-        dtype=torch.float32,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> TaskBatch:
         """Sample a meta-batch (drawn on the CPU with ``generator``, then moved to ``device``).
@@ -95,8 +104,8 @@ class BlobTasks:
     """Synthetic N-way K-shot classification: Gaussian blobs around random class centres.
 
     A task draws ``ways`` centres from ``N(0, spread^2 I)`` in ``dim`` dimensions and
-    labels ``0 .. ways-1`` (the centres are random, so a label says nothing across tasks); each example is its class centre plus
-    ``N(0, noise^2 I)``. Small and fast: the right size to run the article's
+    labels ``0 .. ways-1`` (the centres are random, so a label says nothing across tasks);
+    each example is its class centre plus ``N(0, noise^2 I)``. Small and fast: the right size to run the article's
     classification listing (a two-layer MLP with cross-entropy) on a laptop.
 
     Args:
@@ -131,7 +140,7 @@ class BlobTasks:
         self,
         num_tasks: int,
         generator: torch.Generator | None = None,
-        dtype=torch.float32,
+        dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> TaskBatch:
         """``x_spt (B, ways*shots, dim)``, ``y_spt (B, ways*shots)`` int64, likewise for queries
@@ -171,7 +180,7 @@ class TaskPool:
         shots: support examples per task (as the family's support sets).
     """
 
-    def __init__(self, family, size: int, seed: int = 0) -> None:
+    def __init__(self, family: TaskFamily, size: int, seed: int = 0) -> None:
         self.size = positive_int("size", size)
         batch = check_task_batch(family.sample(size, torch.Generator().manual_seed(seed)))
         self.shots = batch.x_spt.shape[1]

@@ -67,7 +67,7 @@ class History:
     state: dict[str, Any] | None = field(default=None, repr=False, compare=False)
 
     def __getattr__(self, name: str) -> list[float]:
-        metrics = self.__dict__.get("metrics") or {}
+        metrics: dict[str, list[float]] = self.__dict__.get("metrics") or {}
         if name in metrics:
             return metrics[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")

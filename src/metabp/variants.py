@@ -25,7 +25,9 @@ with learned step sizes, :func:`metabp.bilevel.init_lrs`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -83,7 +85,7 @@ def reptile_gradient(
             adapted, losses = vmap(one_task)(x, y)
             mean = {k: v.mean(0) for k, v in adapted.items()}
         else:
-            results = [one_task(x_t, y_t) for x_t, y_t in zip(x, y)]
+            results = [one_task(x_t, y_t) for x_t, y_t in zip(x, y, strict=True)]
             mean = {k: torch.stack([r[0][k] for r in results]).mean(0) for k in theta}
             losses = torch.stack([r[1] for r in results])
     return {k: theta[k] - mean[k] for k in theta}, losses.mean()
@@ -144,7 +146,7 @@ def proximal_adapt(
     return adapt(model, dict(params), x, y, inner, objective=objective)
 
 
-def conjugate_gradient(matvec, b: Params, steps: int) -> Params:
+def conjugate_gradient(matvec: Callable[[Params], Params], b: Params, steps: int) -> Params:
     """Approximately solve ``A v = b`` for a symmetric ``A`` given as ``matvec``, by conjugate gradients.
 
     ``steps`` iterations from ``v = 0`` on dicts of tensors, exact after as many
@@ -158,7 +160,7 @@ def conjugate_gradient(matvec, b: Params, steps: int) -> Params:
     tiny = torch.finfo(next(iter(b.values())).dtype).tiny
 
     def dot(u: Params, w: Params) -> Tensor:
-        return sum((u[k] * w[k]).sum() for k in u)
+        return cast(Tensor, sum((u[k] * w[k]).sum() for k in u))  # a tensor: u is never empty
 
     v = {k: torch.zeros_like(t) for k, t in b.items()}
     r = dict(b)
@@ -206,7 +208,9 @@ def implicit_task_gradient(
         return loss_fn(forward(model, p, x_qry), y_qry)
 
     g_q, value = grad_and_value(query_loss)(phi)
-    _, hessian_vector = vjp(grad(support_loss), phi)  # v -> H^T v = H v, H never formed
+    # v -> H^T v = H v, H never formed. torch.func.vjp's annotation promises 3 items, but
+    # without has_aux it returns 2.
+    _, hessian_vector = vjp(grad(support_loss), phi)  # type: ignore[misc]  # see above
 
     def matvec(v: Params) -> Params:
         (hv,) = hessian_vector(v)
@@ -256,7 +260,7 @@ def implicit_meta_gradient(
         if vectorize:
             grads, losses = vmap(one_task)(*batch)
             return {k: v.mean(0) for k, v in grads.items()}, losses.mean()
-        results = [one_task(*task) for task in zip(*batch)]
+        results = [one_task(*task) for task in zip(*batch, strict=True)]
     grads = {k: torch.stack([r[0][k] for r in results]).mean(0) for k in theta}
     return grads, torch.stack([r[1] for r in results]).mean()
 
