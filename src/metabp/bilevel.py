@@ -314,10 +314,12 @@ def inner_step(
         The updated parameters (a new dict; the input is not modified).
     """
     if objective is None:
-        loss_fn = inner.loss_fn
+        if x is None or y is None:
+            raise ValueError("inner_step needs the support set x and y, or an objective")
+        loss_fn, x_spt, y_spt = inner.loss_fn, x, y
 
         def objective(p: Params) -> Tensor:
-            return loss_fn(forward(model, p, x), y)
+            return loss_fn(forward(model, p, x_spt), y_spt)
 
     fast = {k: v for k, v in params.items() if inner.adapts(k)}
     frozen = {k: v for k, v in params.items() if not inner.adapts(k)}

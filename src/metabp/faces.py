@@ -49,12 +49,15 @@ import io
 import warnings
 from collections.abc import Sequence
 from types import ModuleType
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import torch
 from torch import Tensor, nn
 
 from .bilevel import InnerLoop, Params, TaskBatch, check_adapt_names, check_task_batch, max_abs_difference  # noqa: F401
+
+if TYPE_CHECKING:
+    from .navigation import Steps
 
 _MODULES: dict[str, ModuleType] = {}
 
@@ -107,6 +110,14 @@ class _L2LClone(Protocol):
 
     def adapt(self, loss: Tensor) -> None: ...
 
+    def __call__(self, *args: Tensor) -> Any: ...
+
+
+class _L2LMAML(Protocol):
+    """What metabp uses of learn2learn's ``MAML`` wrapper (learn2learn ships no types)."""
+
+    def clone(self) -> Any: ...
+
 
 def l2l_adapt(learner: nn.Module, loss: Tensor, inner: InnerLoop) -> None:
     """One inner step on a clone, in place: learn2learn's ``adapt(loss)``, or, when
@@ -125,11 +136,11 @@ def l2l_adapt(learner: nn.Module, loss: Tensor, inner: InnerLoop) -> None:
 
 
 def l2l_task_loss(
-    maml: nn.Module, x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor, inner: InnerLoop
+    maml: _L2LMAML | nn.Module, x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor, inner: InnerLoop
 ) -> Tensor:
     """Query loss of one task after ``inner.inner_steps`` ``adapt`` calls on a clone."""
     loss_fn = inner.loss_fn
-    learner = maml.clone()
+    learner: nn.Module = cast(_L2LMAML, maml).clone()
     for _ in range(inner.inner_steps):
         l2l_adapt(learner, loss_fn(learner(x_spt), y_spt), inner)
     return loss_fn(learner(x_qry), y_qry)
@@ -151,7 +162,7 @@ def l2l_meta_step(maml: nn.Module, optimizer: torch.optim.Optimizer, batch: Task
     return value.item()
 
 
-def l2l_adapt_policy(maml: nn.Module, steps, old_logp: Tensor, estimator: str = "lvc") -> nn.Module:
+def l2l_adapt_policy(maml: _L2LMAML | nn.Module, steps: Steps, old_logp: Tensor, estimator: str = "lvc") -> nn.Module:
     """Clone a wrapped Gaussian policy and take one inner policy-gradient step with ``adapt``.
 
     learn2learn's face of :func:`metabp.metarl.adapt` for one task: ``steps`` is a
@@ -162,10 +173,11 @@ def l2l_adapt_policy(maml: nn.Module, steps, old_logp: Tensor, estimator: str = 
     from .metarl import surrogate
     from .navigation import gaussian_log_prob
 
-    learner = maml.clone()
-    logp = gaussian_log_prob(*learner(steps.obs), steps.act)
+    learner: _L2LClone = cast(_L2LMAML, maml).clone()
+    mean, std = learner(steps.obs)
+    logp = gaussian_log_prob(mean, std, steps.act)
     learner.adapt(-surrogate(logp, old_logp, steps.adv, steps.mask, estimator))
-    return learner
+    return cast(nn.Module, learner)
 
 
 # ---------------------------------------------------------------- the faces
@@ -199,7 +211,7 @@ def higher_meta_gradient(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -
     sgd = torch.optim.SGD(params, lr=inner.inner_lr)
     total = [torch.zeros_like(p) for p in params]
     num_tasks = batch.num_tasks
-    for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+    for x_spt, y_spt, x_qry, y_qry in zip(*batch, strict=True):
         with higher.innerloop_ctx(model, sgd, copy_initial_weights=False, track_higher_grads=not inner.first_order) as (
             fmodel,
             diffopt,
@@ -209,7 +221,7 @@ def higher_meta_gradient(model: nn.Module, batch: TaskBatch, inner: InnerLoop) -
             query_loss = loss_fn(fmodel(x_qry), y_qry) / num_tasks
             wrt = list(fmodel.parameters()) if inner.first_order else params
             grads = torch.autograd.grad(query_loss, wrt)
-        total = [t + g for t, g in zip(total, grads)]
+        total = [t + g for t, g in zip(total, grads, strict=True)]
     return _named(model, total)
 
 
@@ -240,14 +252,14 @@ def torchopt_meta_gradient(model: nn.Module, batch: TaskBatch, inner: InnerLoop)
     total = [torch.zeros_like(p) for p in params]
     num_tasks = batch.num_tasks
     try:
-        for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+        for x_spt, y_spt, x_qry, y_qry in zip(*batch, strict=True):
             opt = torchopt.MetaSGD(model, lr=inner.inner_lr)
             for _ in range(inner.inner_steps):
                 opt.step(loss_fn(model(x_spt), y_spt))
             query_loss = loss_fn(model(x_qry), y_qry) / num_tasks
             wrt = list(model.parameters()) if inner.first_order else params
             grads = torch.autograd.grad(query_loss, wrt)
-            total = [t + g for t, g in zip(total, grads)]
+            total = [t + g for t, g in zip(total, grads, strict=True)]
             torchopt.recover_state_dict(model, initial)
     finally:
         torchopt.recover_state_dict(model, initial)

@@ -65,7 +65,7 @@ def article_meta_step(
     loss_fn = resolve_loss(loss)
     meta_optimizer.zero_grad()
     query_losses = []
-    for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+    for x_spt, y_spt, x_qry, y_qry in zip(*batch, strict=True):
         task_model = make_task_model()
         task_model.load_state_dict(meta_learner.state_dict())  # copies values, not the graph
         task_optimizer = torch.optim.SGD(task_model.parameters(), lr=inner_lr)
@@ -100,14 +100,14 @@ def corrected_meta_step(
     nonnegative_int("inner_steps", inner_steps)
     loss_fn = resolve_loss(loss)
     meta_optimizer.zero_grad()
-    theta = dict(meta_learner.named_parameters())
+    theta: dict[str, torch.Tensor] = dict(meta_learner.named_parameters())
     query_losses = []
-    for x_spt, y_spt, x_qry, y_qry in zip(*batch):
+    for x_spt, y_spt, x_qry, y_qry in zip(*batch, strict=True):
         fast = theta  # no copy: the task's weights start as the meta-parameters themselves
         for _ in range(inner_steps):
             support_loss = loss_fn(functional_call(meta_learner, fast, (x_spt,)), y_spt)
             grads = torch.autograd.grad(support_loss, list(fast.values()), create_graph=not first_order)
-            fast = {name: w - inner_lr * g for (name, w), g in zip(fast.items(), grads)}
+            fast = {name: w - inner_lr * g for (name, w), g in zip(fast.items(), grads, strict=True)}
         query_losses.append(loss_fn(functional_call(meta_learner, fast, (x_qry,)), y_qry))
     meta_loss = torch.stack(query_losses).mean()
     meta_loss.backward()  # flows through every inner step back to theta
