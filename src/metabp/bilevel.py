@@ -58,7 +58,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .checks import nonnegative_int, positive_float
 
-#: Parameters (or gradients, or step sizes) by name: ``name -> tensor``.
+#: Parameters (or gradients, or step sizes) by name, ``name -> tensor``.
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Objective = Callable[[Params], Tensor]

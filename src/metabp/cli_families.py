@@ -1,5 +1,5 @@
 """Command line of ``train``/``evaluate`` for the sinusoid and navigation families, and
-the distributed prelude every ``train`` command shares (:func:`job_prelude`).
+the distributed prelude every ``train`` command shares (:func:`~metabp.cli_families.job_prelude`).
 
 Kept apart from :mod:`metabp.cli` so that the commands of one file stay short; the
 option style is the same as ``train omniglot``: one option per configuration field,

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .checks import positive_int
 from .episodes import ImageClasses
 
-#: Drawings kept per digit class: scikit-learn's data set has 174 to 183 per class,
+#: Drawings kept per digit class; scikit-learn's data set has 174 to 183 per class,
 #: and :class:`~metabp.episodes.ImageClasses` needs the same number for every class.
 DIGITS_DRAWINGS = 174
 

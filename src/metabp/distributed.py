@@ -68,7 +68,8 @@ class Group:
     without torchrun. Make a distributed one with :func:`init`.
 
     Attributes:
-        rank, world: this process's index and the number of processes.
+        rank: this process's index (0 to ``world - 1``).
+        world: the number of processes.
         device: where this process computes (``cuda:LOCAL_RANK`` under nccl).
         comm_seconds: wall time spent in collective calls so far (for the benchmark).
     """

@@ -273,7 +273,7 @@ def train(
     """Meta-train ``family`` ('sinusoid' or 'navigation') with ``config``.
 
     Args:
-        family: which family; ``config`` is its :data:`CONFIGS` class.
+        family: which family; ``config`` is its ``CONFIGS`` class.
         out: checkpoint file, written (by rank 0) every ``checkpoint_every``
             iterations and at the end.
         resume: continue from ``out`` (read by rank 0 and broadcast); ``config`` must

@@ -176,7 +176,8 @@ class TaskPool:
         seed: seeds the one draw of the pool.
 
     Attributes:
-        x, y: the pool's examples, ``(size, shots + queries, ...)``.
+        x: the pool's inputs, ``(size, shots + queries, ...)``.
+        y: the pool's targets, ``(size, shots + queries, ...)``.
         shots: support examples per task (as the family's support sets).
     """
 

@@ -1,4 +1,4 @@
-"""One training loop (:func:`fit`), meta-training and the ordinary-training baseline on it.
+"""One training loop (:func:`~metabp.training.fit`), meta-training and the ordinary-training baseline on it.
 
 :func:`fit` is the loop every learner of the library runs: draw a batch, compute the
 loss and its gradient, check both, update, schedule, record, call back, checkpoint.
