@@ -58,8 +58,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 
 from .checks import nonnegative_int, positive_float
 
-# Parameters (or gradients, or step sizes) by name, ``name -> tensor`` (a plain comment: a
-# documented alias of dict would make the reference link to the source of builtins).
+# Parameters (or gradients, or step sizes) by name (no #: doc: viewcode would link it to builtins).
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Objective = Callable[[Params], Tensor]
