@@ -207,7 +207,17 @@ def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path, signa
         "METABP_DATA": str(tmp_path / "empty"),
         "METABP_CACHE": str(cache),
     }
-    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a user presses it in a terminal. A process started in the background by a
+    # shell without job control (`cmd &` in a script, as CI runners may start this suite)
+    # inherits SIGINT *ignored*, and Python then keeps it ignored; the child restores the
+    # default disposition so that the test checks the CLI, not how the suite was launched.
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         deadline = time.monotonic() + 120
         while not list((cache / "omniglot").glob(f".{SMALL1}.download-*")) and time.monotonic() < deadline:
