@@ -193,3 +193,35 @@ def test_command_line_errors_are_one_line(capsys):
     assert code == 2 and "unknown implementation" in err and len(err.strip().splitlines()) == 1
     code, out, err = run_cli(["bench", "cifar"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_the_chapter_conv4_is_the_one_chapter_6_1_trains():
+    from metabp.bench import CONFIGS, EPISODES
+    from metabp.fewshot import FewShotConfig
+
+    chapter, defaults = FewShotConfig(), CONFIGS["omniglot-chapter"]
+    assert EPISODES["omniglot-chapter"] == (chapter.ways, chapter.shots, chapter.queries)
+    assert (defaults["width"], defaults["meta_batch_size"]) == (chapter.hidden, chapter.meta_batch_size)
+    assert defaults["inner_lr"] == chapter.inner_lr and chapter.inner_steps == 1 and chapter.algorithm == "maml"
+    problem = make_problem(BenchConfig("omniglot-chapter", meta_batch_size=2, width=4))
+    b = problem.batch
+    assert b.x_spt.shape == (2, 20, 1, 28, 28) and b.x_qry.shape == (2, 20, 1, 28, 28)
+    assert b.y_spt[0].tolist() == b.y_qry[0].tolist() == list(range(20))
+    assert problem.model(b.x_spt[0]).shape == (20, 20)
+
+
+def test_bench_processes_reports_what_chapter_7_reads(capsys):
+    # the lines notebooks/07_tools.ipynb parses from benchmarks/scaling_2x1_cpu.txt (toy size: behaviour only)
+    args = ["bench", "--processes", "2", "--threads", "1", "--width", "2", "--meta-batch-size", "3"]
+    code, out, err = run_cli([*args, "--repeats", "2", "--warmup", "0"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("metabp bench --processes 2 --threads 1 on ") and "load average" in lines[0]
+    assert any(ln.startswith("omniglot-chapter: Conv4, 20-way 1-shot, 1 query per class") for ln in lines)
+    assert "(width 2), meta-batch 3" in out and "tasks per process: [2, 1]" in out
+    assert "1 process x 2 threads; sharded: 2 processes x 1 thread(s); 3 blocks of 2 timed rounds each way" in out
+    assert len([ln for ln in lines if re.match(r"block \d: 1x2 median [\d.]+ ms .* ratio [\d.]+$", ln)]) == 3
+    assert re.search(r"^per-block ratios: [\d.]+, [\d.]+, [\d.]+ \(spread [\d.]+\.\.[\d.]+\)$", out, re.M)
+    assert re.search(r"^communication share per round: median [\d.]+% \(range [\d.]+%\.\.[\d.]+%\)$", out, re.M)
+    assert re.search(r"^all rounds: 1x2 median [\d.]+ ms .*; 2x1 median [\d.]+ ms", out, re.M)
+    assert re.match(r"^speedup_vs_one_process: [\d.]+ communication_share: [\d.]+%$", lines[-1])

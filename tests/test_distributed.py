@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -217,8 +219,10 @@ def _torchrun(args: list[str], cwd: Path, extra_env: dict | None = None, script:
         "OMP_NUM_THREADS": "1",
         **(extra_env or {}),
     }
-    # --standalone: c10d rendezvous on a free local port (a static --master-port rendezvous does not
-    # come back after a --max-restarts restart in this torch: the restarted workers wait forever)
+    # --standalone: c10d rendezvous on a free local port, as on one machine. torchrun's agent keeps its
+    # store (MASTER_PORT) across --max-restarts restarts, with the failed attempt's keys in it; the
+    # restarted ranks once read the dead ranks' gloo addresses from it and hung or failed
+    # (distributed.attempt_store and the tests of it below).
     command = [
         sys.executable,
         "-m",
@@ -248,10 +252,6 @@ TINY_CLI = [
 ]
 
 
-@pytest.mark.skip(
-    reason="hangs intermittently here: after torchrun's restart the new gloo group sometimes never connects "
-    "(seen 2026-12-01 on the merged tree and on the branch that added it); restarts are not verified"
-)
 def test_torchrun_command_matches_one_process_and_resumes_after_a_restart(tmp_path, capsys):
     one = tmp_path / "one.pt"
     assert run_cli([*TINY_CLI[:2], "--out", one, *TINY_CLI[2:]], capsys)[0] == 0
@@ -295,3 +295,42 @@ def test_torchrun_with_a_bad_option_fails_fast_with_one_line_per_rank(tmp_path):
             for ln in done.stderr.splitlines()
         ), done.stderr[-3000:]
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.fixture
+def agent_store(monkeypatch):
+    """A store standing in for torchrun's agent store, with a failed attempt's post still in it."""
+    from torch.distributed import TCPStore
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    dead = _free_port()  # nothing listens there any more, like the port of a dead rank 0's store
+    store.set(distributed._POST_KEY, f"{dead} {'0' * 32}")
+    return store
+
+
+def test_a_restarted_rank_skips_the_failed_attempts_store_and_finds_the_new_one(agent_store):
+    # The cause of the hang: a restarted rank read the failed attempt's keys from the agent's store.
+    # Rank 1 starts first and sees only the stale post; rank 0's new store appears a second later.
+    found: dict = {}
+    rank1 = threading.Thread(target=lambda: found.update(one=distributed.attempt_store(1, 2, timeout_s=30)))
+    rank1.start()
+    time.sleep(1.0)
+    own = distributed.attempt_store(0, 2, timeout_s=30)
+    rank1.join(40)
+    assert not rank1.is_alive()
+    assert agent_store.get(distributed._POST_KEY).decode().split()[0] == str(own.port)
+    own.set("from rank 0", "hello")
+    assert found["one"].get("from rank 0") == b"hello"  # rank 1 holds a client of rank 0's new store
+
+
+def test_a_rank_whose_rank_0_never_comes_fails_with_a_clear_message(agent_store):
+    with pytest.raises(distributed.PeerError, match=r"rank 1 of 2: rank 0's store did not appear .* within 2 s"):
+        distributed.attempt_store(1, 2, timeout_s=2)
+
+
+def test_without_the_agent_store_env_rendezvous_is_left_as_it_is(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert distributed.attempt_store(0, 2, timeout_s=1) is None

@@ -70,14 +70,17 @@ class BenchConfig:
 
     Args:
         name: 'sinusoid' (MAML's 1-40-40-1 regressor, K = 10 support and 10 query
-            points, meta-batch 25, inner step 0.01) or 'omniglot' (MAML's Conv4,
-            5-way 1-shot with 15 queries per class, meta-batch 16, inner step 0.4, on
-            random 28x28 binary images: the arithmetic does not depend on the pixels).
+            points, meta-batch 25, inner step 0.01), 'omniglot' (MAML's Conv4,
+            5-way 1-shot with 15 queries per class, meta-batch 16, inner step 0.4) or
+            'omniglot-chapter' (the Conv4 chapter 6.1 trains, :class:`metabp.fewshot.FewShotConfig`'s
+            defaults: 32 filters, 20-way 1-shot with 1 query per class, meta-batch 8,
+            inner step 0.4); the Conv4s on random 28x28 binary images: the arithmetic
+            does not depend on the pixels.
         meta_batch_size: tasks per meta-step (default: the configuration's).
         inner_steps: inner gradient steps.
         first_order: first-order MAML instead of second order.
         width: hidden units per layer (sinusoid, default 40) or filters per
-            convolution (omniglot, default 64).
+            convolution (omniglot 64, omniglot-chapter 32).
     """
 
     name: str
@@ -118,7 +121,12 @@ class _Defaults(TypedDict):
 CONFIGS: dict[str, _Defaults] = {
     "sinusoid": _Defaults(what="MLP 1-W-W-1, K = 10, 10 queries", meta_batch_size=25, width=40, inner_lr=0.01),
     "omniglot": _Defaults(what="Conv4, 5-way 1-shot, 15 queries per class", meta_batch_size=16, width=64, inner_lr=0.4),
+    "omniglot-chapter": _Defaults(
+        what="Conv4, 20-way 1-shot, 1 query per class (chapter 6.1)", meta_batch_size=8, width=32, inner_lr=0.4
+    ),
 }
+#: (ways, shots, queries per class) of the Conv4 configurations' episodes.
+EPISODES: dict[str, tuple[int, int, int]] = {"omniglot": (5, 1, 15), "omniglot-chapter": (20, 1, 1)}
 
 
 @dataclass
@@ -153,7 +161,7 @@ def make_problem(
         def make_model() -> nn.Module:
             return SineNet(width).to(device, dtype)
     else:
-        ways, shots, queries, b = 5, 1, 15, config.tasks
+        (ways, shots, queries), b = EPISODES[config.name], config.tasks
         images = (torch.rand(b, ways * (shots + queries), 1, 28, 28, generator=generator) < 0.2).float()
         labels = torch.arange(ways).repeat_interleave(shots + queries).expand(b, -1)
         # support first, then queries, class-major within each (as metabp.episodes)

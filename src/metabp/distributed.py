@@ -38,6 +38,8 @@ from __future__ import annotations
 import datetime
 import functools
 import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
 
 #: Variables torchrun sets for every worker; :func:`init` needs all of them for a distributed run.
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+_POST_KEY, _TOKEN_KEY = "metabp/attempt_store", "metabp/token"
 
 
 class PeerError(RuntimeError):
@@ -188,7 +191,7 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
-def init(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> Group:
+def init(device: str | torch.device = "cpu", timeout_s: float = 1800.0, connect_timeout_s: float = 300.0) -> Group:
     """The job this process belongs to, from torchrun's environment.
 
     Without torchrun's variables (or with ``WORLD_SIZE=1``) this is the one-process
@@ -199,6 +202,11 @@ def init(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> Group
     Args:
         device: 'cpu' or 'cuda'.
         timeout_s: how long a collective call waits for a silent peer before failing.
+        connect_timeout_s: how long a rank waits for rank 0 when the job starts or restarts.
+
+    Raises :class:`PeerError` (one line) if the processes cannot connect. Under
+    torchrun the group is initialised on :func:`attempt_store`, so that a job
+    restarted by ``--max-restarts`` connects afresh.
     """
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
@@ -223,8 +231,85 @@ def init(device: str | torch.device = "cpu", timeout_s: float = 1800.0) -> Group
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        timeout = datetime.timedelta(seconds=timeout_s)
+        try:
+            store = attempt_store(rank, world, connect_timeout_s)
+            if store is None:  # MASTER_ADDR:MASTER_PORT is this run's own: rank 0 hosts a new store there
+                dist.init_process_group(backend, timeout=timeout)
+            else:
+                dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        except PeerError:
+            raise
+        except (RuntimeError, dist.DistError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise PeerError(f"rank {rank} of {world} could not connect to the other processes ({first})") from None
     return Group(dist.get_rank(), dist.get_world_size(), device)
+
+
+def attempt_store(rank: int, world: int, timeout_s: float) -> Any:
+    """A key-value store that belongs to this attempt of the job alone, or ``None`` where ``env://`` gives one.
+
+    torchrun's agent hosts the store at ``MASTER_ADDR:MASTER_PORT``
+    (``TORCHELASTIC_USE_AGENT_STORE=True``) and keeps it across ``--max-restarts``
+    restarts, with the keys the failed attempt wrote: the process group's
+    rendezvous keys (gloo's addresses of every rank, nccl's unique id) are the same
+    names each attempt, so a restarted rank can read a dead rank's address and
+    connect to nothing (refused, or a wait of minutes; PyTorch issue #135712).
+    The restart count cannot tell the attempts apart on several machines (each
+    agent counts its own). So rank 0 starts a new store of its own on a free port,
+    holding a random token, and posts ``"port token"`` in the agent's store; every
+    other rank reads the post, connects, and takes the store only if it holds the
+    token: a stale post names a dead process's port (refused, or another token),
+    and the rank reads again until the new one appears, at most ``timeout_s``.
+
+    Returns the store on which to initialise the process group, or ``None``
+    without torchrun's agent store (``MASTER_PORT`` is then this run's own).
+    Raises :class:`PeerError` if rank 0's store does not appear in time.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed import DistError, TCPStore
+
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    deadline = time.monotonic() + timeout_s
+    timeout = datetime.timedelta(seconds=timeout_s)
+    agent = TCPStore(addr, port, is_master=False, timeout=timeout)
+    if rank == 0:
+        own = TCPStore(addr, 0, world, is_master=True, timeout=timeout, wait_for_workers=False)
+        token = secrets.token_hex(16)
+        own.set(_TOKEN_KEY, token)
+        agent.set(_POST_KEY, f"{own.port} {token}")
+        return own
+    seen = None
+    while (left := deadline - time.monotonic()) > 0:
+        agent.wait([_POST_KEY], datetime.timedelta(seconds=left))
+        seen = agent.get(_POST_KEY).decode()
+        own_port, token = seen.split()
+        if not _listening(addr, int(own_port), min(2.0, left)):
+            time.sleep(0.1)  # a dead attempt's store
+            continue
+        try:
+            own = TCPStore(addr, int(own_port), is_master=False, timeout=datetime.timedelta(seconds=min(2.0, left)))
+            if own.check([_TOKEN_KEY]) and own.get(_TOKEN_KEY).decode() == token:
+                own.set_timeout(timeout)
+                return own
+        except (RuntimeError, DistError):
+            pass  # a dead attempt's store
+        time.sleep(0.1)
+    raise PeerError(
+        f"rank {rank} of {world}: rank 0's store did not appear at {addr} within {timeout_s:.0f} s "
+        f"(last seen: {seen or 'nothing'}); is rank 0 running?"
+    )
+
+
+def _listening(addr: str, port: int, timeout_s: float) -> bool:
+    """Whether something accepts connections at ``addr:port`` (a dead process's port refuses at once)."""
+    try:
+        with socket.create_connection((addr, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
 
 
 def shutdown() -> None:

@@ -51,6 +51,7 @@ def _worker(rank: int, world: int, port: int, spec: dict[str, Any], queue: Simpl
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # this job's own store at MASTER_PORT, even under torchrun
     from .bench import BenchConfig, make_problem
     from .bilevel import meta_gradient
 
@@ -162,7 +163,8 @@ def format_report(result: dict, processes: int, threads: int) -> str:
     ms = 1000.0
     lines = [
         f"{result['describe']}; per-task loop; tasks per process: {result['shares']}",
-        f"reference: 1 process x {processes * threads} threads; sharded: {processes} processes x {threads} thread(s)",
+        f"reference: 1 process x {processes * threads} threads; sharded: {processes} processes x {threads} thread(s); "
+        f"{len(result['rows'])} blocks of {len(result['rows'][0]['step'])} timed rounds each way",
     ]
     ratios = []
     for i, row in enumerate(result["rows"], 1):
@@ -184,7 +186,8 @@ def format_report(result: dict, processes: int, threads: int) -> str:
         f"(range {min(ref_all) * ms:.1f}..{max(ref_all) * ms:.1f}); {processes}x{threads} median "
         f"{statistics.median(step_all) * ms:.1f} ms (range {min(step_all) * ms:.1f}..{max(step_all) * ms:.1f})",
         f"per-block ratios: {', '.join(f'{r:.3f}' for r in ratios)} (spread {min(ratios):.3f}..{max(ratios):.3f})",
-        f"communication share per round: median {100 * statistics.median(share):.2f}%, max {100 * max(share):.2f}%",
+        f"communication share per round: median {100 * statistics.median(share):.2f}% "
+        f"(range {100 * min(share):.2f}%..{100 * max(share):.2f}%)",
         f"load average at the end: {', '.join(f'{v:.1f}' for v in os.getloadavg())}",
         f"speedup_vs_one_process: {ratio:.3f} communication_share: {100 * statistics.median(share):.2f}%",
     ]
@@ -198,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
     if args.device != "cpu":
         raise ValueError(f"--processes times gloo on the CPU; --device must be cpu, got {args.device!r}")
     threads = args.threads or 1
-    names = args.configs or ["omniglot"]
+    names = args.configs or ["omniglot-chapter"]
     print(f"metabp bench --processes {args.processes} --threads {threads} on {machine_description()}", flush=True)
     for name in names:
         result = measure(
@@ -225,6 +228,7 @@ def _train_worker(
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
     )
+    os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)  # this job's own store at MASTER_PORT, even under torchrun
     from .families import CONFIGS, train
 
     torch.set_num_threads(1)
