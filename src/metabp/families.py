@@ -216,8 +216,8 @@ def _optimizer(family: str, model: nn.Module, config: Any) -> torch.optim.Optimi
     return torch.optim.Adam([{"params": rest}, {"params": std, "lr": lr}], lr=config.meta_lr)
 
 
-Sample = Callable[[torch.Generator], Any]
-Step = Callable[[Any], Any]
+_Sample = Callable[[torch.Generator], Any]
+_Step = Callable[[Any], Any]
 
 
 def _sinusoid_loop(
@@ -226,7 +226,7 @@ def _sinusoid_loop(
     generator: torch.Generator,
     config: SinusoidConfig,
     group: distributed.Group | None,
-) -> tuple[Sample, Step]:
+) -> tuple[_Sample, _Step]:
     """``(sample, step)`` for :func:`~metabp.training.fit`: a meta-batch of sinusoids, one meta-update on it."""
     from .tasks import SinusoidTasks, TaskBatch
 
@@ -259,7 +259,7 @@ def _navigation_loop(
     generator: torch.Generator,
     config: NavigationConfig,
     group: distributed.Group | None,
-) -> tuple[Sample, Step]:
+) -> tuple[_Sample, _Step]:
     """``(sample, step)`` for :func:`~metabp.training.fit`: goals, and one meta-RL iteration on them
     (whose episodes draw from ``generator`` too, after the goals)."""
     from .metarl import meta_iteration
