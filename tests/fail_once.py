@@ -11,19 +11,19 @@ from metabp.cli import main
 
 if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
     fail_at = int(os.environ["METABP_TEST_FAIL_AT"])
-    real = families._sinusoid_iteration
+    real = families._sinusoid_loop
 
-    def patched(model, config, group):
-        iteration, calls = real(model, config, group), {"n": 0}
+    def patched(model, optimizer, generator, config, group):
+        (sample, step), calls = real(model, optimizer, generator, config, group), {"n": 0}
 
-        def failing(optimizer, generator):
+        def failing(batch):
             calls["n"] += 1
             if calls["n"] == fail_at and group.rank == 1:
                 os._exit(3)  # a crash: no message, no cleanup
-            return iteration(optimizer, generator)
+            return step(batch)
 
-        return failing
+        return sample, failing
 
-    families._sinusoid_iteration = patched
+    families._sinusoid_loop = patched
 
 sys.exit(main(sys.argv[1:]))

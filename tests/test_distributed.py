@@ -61,8 +61,9 @@ def run_all(group: distributed.Group | None) -> dict[str, dict[str, torch.Tensor
     for dtype in ("float64", "float32"):
         for family, tiny in (("sinusoid", TINY_SINUSOID), ("navigation", TINY_NAVIGATION)):
             config = families.CONFIGS[family](dtype=dtype, **tiny)
-            model, log, _ = families.train(family, config, progress=False, group=group)
+            model, history = families.train(family, config, progress=False, group=group)
             out[f"{family}-{dtype}"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            log = {"loss": history.loss, **history.metrics} if history.loss else history.metrics
             out[f"{family}-{dtype}-log"] = {k: torch.tensor(v, dtype=torch.float64) for k, v in log.items()}
         for algorithm in ("maml", "protonet"):
             real, default = fewshot.train_step, torch.get_default_dtype()

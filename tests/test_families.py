@@ -6,7 +6,8 @@ import pytest
 import torch
 from cli_helpers import run_cli
 
-from metabp import families
+from metabp import checkpoint, families
+from metabp.checks import DivergenceError
 
 TINY = {
     "sinusoid": dict(iterations=5, meta_batch_size=3, hidden=8, compile=False),
@@ -17,15 +18,31 @@ TINY = {
 @pytest.mark.parametrize("family", ["sinusoid", "navigation"])
 def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path, family):
     config = families.CONFIGS[family](**TINY[family])
-    full, log, _ = families.train(family, config, tmp_path / "full.pt", checkpoint_every=2, progress=False)
+    full, history = families.train(family, config, tmp_path / "full.pt", checkpoint_every=2, progress=False)
     families.train(family, config, tmp_path / "part.pt", checkpoint_every=2, progress=False, stop_after=2)
     assert torch.load(tmp_path / "part.pt", weights_only=True)["iteration"] == 2
-    resumed, log2, _ = families.train(family, config, tmp_path / "part.pt", resume=True, progress=False)
+    resumed, history2 = families.train(family, config, tmp_path / "part.pt", resume=True, progress=False)
     for k, v in full.state_dict().items():
         assert torch.equal(v, resumed.state_dict()[k]), k
-    assert log == log2
+    assert (history.loss, history.metrics) == (history2.loss, history2.metrics)
+    assert len(history.loss if family == "sinusoid" else history.after) == config.iterations
     model, stored, _ = families.load_model(tmp_path / "full.pt", family)
     assert stored == config and all(torch.equal(v, model.state_dict()[k]) for k, v in full.state_dict().items())
+
+
+@pytest.mark.parametrize("family", ["sinusoid", "navigation"])
+def test_a_diverging_run_stops_before_the_bad_update_naming_the_learning_rates(tmp_path, family, capsys):
+    # a meta learning rate of 1e25: the first update makes the network overflow at the second iteration
+    config = families.CONFIGS[family](**{**TINY[family], "meta_lr": 1e25})
+    out = tmp_path / "run.pt"
+    with pytest.raises(DivergenceError, match=r"not finite with inner_lr=.*meta_lr=1e\+25"):
+        families.train(family, config, out, checkpoint_every=1, progress=False)
+    state = checkpoint.load(out)  # the last checkpoint is the one before the non-finite step
+    assert state["iteration"] == 1 and all(torch.isfinite(v).all() for v in state["model"].values())
+    args = ["train", family, "--out", tmp_path / "cli.pt", "--meta-lr", "1e25", "--no-progress"]
+    args += [f"--{k.replace('_', '-')}={v}" for k, v in TINY[family].items() if k != "compile"]
+    code, _, err = run_cli(args + (["--no-compile"] if family == "sinusoid" else []), capsys)
+    assert code == 2 and "training diverged" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_the_defaults_are_the_chapters_runs():

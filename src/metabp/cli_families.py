@@ -134,7 +134,7 @@ def train(args: argparse.Namespace) -> int:
         if group.distributed and group.main:
             print(f"{group.world} processes share each meta-batch of {config.meta_batch_size} tasks", file=sys.stderr)
         try:
-            model, log, seconds = train_family(
+            _, history = train_family(
                 args.family, config, args.out, resume, args.checkpoint_every, args.progress, group
             )
         except KeyboardInterrupt:
@@ -145,13 +145,13 @@ def train(args: argparse.Namespace) -> int:
         distributed.shutdown()
     if group.main:
         if args.family == "sinusoid":
-            tail = log["loss"][-100:]
+            tail = history.loss[-100:]
             what = f"final meta-loss {sum(tail) / len(tail):.4f}"
         else:
-            tail = log["after"][-10:]
+            tail = history.after[-10:]
             what = f"mean return after adaptation over the last {len(tail)} iterations {sum(tail) / len(tail):.2f}"
         print(
-            f"trained {args.family} for {config.iterations} iterations in {seconds:.0f} s ({what}); "
+            f"trained {args.family} for {config.iterations} iterations in {history.seconds:.0f} s ({what}); "
             f"checkpoint: {args.out}"
         )
     return 0

@@ -6,17 +6,17 @@ sinusoid: MAML's 1-40-40-1 network, K = 10, one inner step of 0.01, 25 tasks per
 update, Adam at 0.01 decayed along a cosine for 40,000 updates; navigation: MAML's
 policy, one inner step of 0.1, 20 goals of 20 episodes per update, one Adam step
 on the clipped surrogate per batch, cosine-decayed, 300 updates), a ``train``
-function that keeps everything the run depends on in an atomically written
-checkpoint (model, optimiser, schedule, task-stream generator, iteration), so a
-resumed run ends with the parameters of an uninterrupted one, and an ``evaluate``
-function. Both take a :class:`metabp.distributed.Group`: the meta-batch is then
+function, which hands a sampler and a step to the library's one training loop
+(:func:`metabp.training.fit`) and keeps everything the run depends on in an
+atomically written checkpoint (model, optimiser, schedule, task-stream generator,
+iteration), so a resumed run ends with the parameters of an uninterrupted one, and
+an ``evaluate`` function. Both take a :class:`metabp.distributed.Group`: the meta-batch is then
 shared between processes (:func:`metabp.distributed.shard_step`,
 :func:`metabp.distributed.shard_iteration`) and only rank 0 writes and prints.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from . import checkpoint, distributed
 from .bilevel import InnerLoop, get_params, make_optimizer, meta_gradient_fn, meta_step
 from .checks import nonnegative_int, one_of, positive_float, positive_int
+from .training import History, fit
 
 if TYPE_CHECKING:
     from .metarl import MetaRL
@@ -216,8 +216,18 @@ def _optimizer(family: str, model: nn.Module, config: Any) -> torch.optim.Optimi
     return torch.optim.Adam([{"params": rest}, {"params": std, "lr": lr}], lr=config.meta_lr)
 
 
-def _sinusoid_iteration(model: nn.Module, config: SinusoidConfig, group: distributed.Group | None) -> Callable:
-    """``iteration(optimizer, generator) -> logged values`` of one sinusoid meta-update."""
+_Sample = Callable[[torch.Generator], Any]
+_Step = Callable[[Any], Any]
+
+
+def _sinusoid_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: SinusoidConfig,
+    group: distributed.Group | None,
+) -> tuple[_Sample, _Step]:
+    """``(sample, step)`` for :func:`~metabp.training.fit`: a meta-batch of sinusoids, one meta-update on it."""
     from .tasks import SinusoidTasks, TaskBatch
 
     family = SinusoidTasks(config.shots, config.queries)
@@ -236,28 +246,41 @@ def _sinusoid_iteration(model: nn.Module, config: SinusoidConfig, group: distrib
         optimizer.step()
         return float(loss.item())
 
-    step = distributed.shard_step(one_step, group)
-
-    def iteration(optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
-        batch = family.sample(config.meta_batch_size, generator, dtype)
-        return {"loss": step(model, optimizer, batch)}
-
-    return iteration
+    sharded = distributed.shard_step(one_step, group)
+    return (
+        lambda generator: family.sample(config.meta_batch_size, generator, dtype),
+        lambda batch: sharded(model, optimizer, batch),
+    )
 
 
-def _navigation_iteration(model: nn.Module, config: NavigationConfig, group: distributed.Group | None) -> Callable:
+def _navigation_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    config: NavigationConfig,
+    group: distributed.Group | None,
+) -> tuple[_Sample, _Step]:
+    """``(sample, step)`` for :func:`~metabp.training.fit`: goals, and one meta-RL iteration on them
+    (whose episodes draw from ``generator`` too, after the goals)."""
     from .metarl import meta_iteration
 
     env, cfg = config.env, config.metarl
     dtype = DTYPES[config.dtype]
     iterate = distributed.shard_iteration(meta_iteration, group)
 
-    def iteration(optimizer: torch.optim.Optimizer, generator: torch.Generator) -> dict[str, float]:
-        goals = env.sample_goals(cfg.meta_batch_size, generator).to(dtype)
+    def step(goals: torch.Tensor) -> dict[str, float]:
         before, after = iterate(env, model, optimizer, goals, cfg, generator)
         return {"before": before, "after": after}
 
-    return iteration
+    return lambda generator: env.sample_goals(cfg.meta_batch_size, generator).to(dtype), step
+
+
+def _learning_rates(config: Config) -> dict[str, float]:
+    """The step sizes a :class:`~metabp.checks.DivergenceError` names."""
+    rates = {"inner_lr": config.inner_lr, "meta_lr": config.meta_lr}
+    if isinstance(config, NavigationConfig):
+        rates["std_lr"] = config.std_lr if config.std_lr > 0 else config.meta_lr
+    return rates
 
 
 def train(
@@ -269,13 +292,14 @@ def train(
     progress: bool = True,
     group: distributed.Group | None = None,
     stop_after: int | None = None,
-) -> tuple[nn.Module, dict[str, list[float]], float]:
-    """Meta-train ``family`` ('sinusoid' or 'navigation') with ``config``.
+) -> tuple[nn.Module, History]:
+    """Meta-train ``family`` ('sinusoid' or 'navigation') with ``config``, on :func:`metabp.training.fit`.
 
     Args:
         family: which family; ``config`` is its ``CONFIGS`` class.
         out: checkpoint file, written (by rank 0) every ``checkpoint_every``
-            iterations and at the end.
+            iterations and at the end: the run's :func:`~metabp.training.training_state`
+            with the ``family`` and its ``config``.
         resume: continue from ``out`` (read by rank 0 and broadcast); ``config`` must
             equal the stored one.
         progress: show a progress bar (rank 0).
@@ -284,9 +308,14 @@ def train(
             if interrupted; for tests of ``resume``.
 
     Returns:
-        The model, the logged values of every iteration so far (``loss`` for the
-        sinusoid; ``before`` and ``after``, mean returns before and after adaptation,
-        for navigation) and the wall time of all sessions together in seconds.
+        The model and the run's :class:`~metabp.training.History`: the meta-loss of
+        every iteration so far (``history.loss``) for the sinusoid; for navigation the
+        mean returns before and after adaptation (``history.before``,
+        ``history.after``); the wall time of all sessions together (``history.seconds``).
+
+    Raises:
+        DivergenceError: a loss, return or gradient turned non-finite (before the
+            update, naming the learning rates).
     """
     one_of("family", family, tuple(CONFIGS))
     if not isinstance(config, CONFIGS[family]):
@@ -305,54 +334,32 @@ def train(
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = _optimizer(family, model, config)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None
-    log: dict[str, list[float]] = {}
-    seconds, start = 0.0, 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["generator"])
-        log = {k: list(v) for k, v in state["log"].items()}
-        seconds, start = float(state["seconds"]), int(state["iteration"])
-    iteration = (
-        _sinusoid_iteration(model, config, group)
-        if isinstance(config, SinusoidConfig)
-        else _navigation_iteration(model, config, group)
-    )
-    end = config.iterations if stop_after is None else min(config.iterations, stop_after)
-    began = time.perf_counter() - seconds
-    bar = tqdm(
-        range(start, end),
-        initial=start,
-        total=config.iterations,
+    if isinstance(config, SinusoidConfig):
+        sample, step = _sinusoid_loop(model, optimizer, generator, config, group)
+    else:
+        sample, step = _navigation_loop(model, optimizer, generator, config, group)
+    save = None
+    if out is not None and main:
+        save = lambda s: checkpoint.save(out, {"family": family, "config": config.to_dict(), **s})  # noqa: E731
+    history = fit(
+        step,
+        sample,
+        config.iterations,
+        optimizer,
+        generator,
+        scheduler,
+        updates_itself=True,
+        learning_rates=_learning_rates(config),
+        model=model,
+        resume=state,
+        stop_after=stop_after,
+        save=save,
+        save_every=checkpoint_every,
+        progress=progress and main,
         desc=family,
-        disable=not progress or not main,
         mininterval=1.0,
     )
-    for it in bar:
-        for k, v in iteration(optimizer, generator).items():
-            log.setdefault(k, []).append(v)
-        if scheduler is not None:
-            scheduler.step()
-        seconds = time.perf_counter() - began
-        if out is not None and main and ((it + 1) % checkpoint_every == 0 or it + 1 == end):
-            checkpoint.save(
-                out,
-                {
-                    "family": family,
-                    "config": config.to_dict(),
-                    "iteration": it + 1,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "log": log,
-                    "seconds": seconds,
-                },
-            )
-    bar.close()
-    return model, log, seconds
+    return model, history
 
 
 def evaluate_sinusoid(

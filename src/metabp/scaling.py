@@ -234,7 +234,7 @@ def _train_worker(
     torch.set_num_threads(1)
     group = distributed.init("cpu")
     try:
-        model, _, _ = train(family, CONFIGS[family].from_dict(config_dict), progress=False, group=group)
+        model, _ = train(family, CONFIGS[family].from_dict(config_dict), progress=False, group=group)
         buffer = io.BytesIO()  # bytes, not tensors: a tensor's shared memory dies with this process
         torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, buffer)
         queue.put((rank, buffer.getvalue()))
@@ -268,7 +268,7 @@ def compare_processes(family: str, config: Config, processes: int = 2) -> dict[s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        one, _, _ = train(family, config, progress=False)
+        one, _ = train(family, config, progress=False)
     finally:
         torch.set_num_threads(threads)
     reference = one.state_dict()

@@ -20,22 +20,27 @@ only in how the outer update is formed.
   autograd graph, so memory does not grow with the number of inner steps.
 
 Meta-SGD, the third variant of chapter 8, needs no module of its own: it is MAML
-with learned step sizes, :func:`metabp.bilevel.init_lrs`.
+with learned step sizes, :func:`metabp.bilevel.init_lrs`. :func:`train_learner`
+meta-trains any of chapter 8's five learners (MAML, first-order MAML, Meta-SGD,
+Reptile, implicit MAML) under one protocol and scores each the way it adapts.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import replace
-from typing import cast
+from functools import partial
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, grad_and_value, vjp, vmap
 
-from .bilevel import VECTORIZE, InnerLoop, Params, adapt, check_adapt_names, forward, get_params
-from .checks import positive_float, positive_int
+from .bilevel import VECTORIZE, InnerLoop, Params, adapt, check_adapt_names, forward, get_params, init_lrs
+from .checks import one_of, positive_float, positive_int
+from .evaluation import adaptation_curve
 from .tasks import TaskBatch, check_task_batch
+from .training import History, Sampler, meta_train
 
 
 def _detached(model: nn.Module, params: Params | None) -> Params:
@@ -300,3 +305,105 @@ def implicit_step(
         p.grad = grads[name]
     optimizer.step()
     return loss.item()
+
+
+# ------------------------------------------------------------ five learners, one protocol
+
+#: The names :func:`train_learner` knows, in chapter 8's order.
+LEARNERS = ("MAML", "first-order MAML", "Meta-SGD", "Reptile", "implicit MAML")
+
+
+def train_learner(
+    name: str,
+    model: nn.Module,
+    sample: Sampler,
+    iterations: int,
+    inner_lr: float = 0.01,
+    steps: int = 5,
+    lam: float = 10.0,
+    cg_steps: int = 5,
+    loss: str = "mse",
+    meta_batch_size: int = 25,
+    meta_lr: float = 1e-3,
+    cosine: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[Callable[[TaskBatch], Tensor], History]:
+    """Meta-train ``model`` in place as one of the five learners of chapter 8; return how to score it.
+
+    Each learner is one call of :func:`metabp.training.meta_train` with the same outer
+    loop (``meta_batch_size``, ``meta_lr``, ``cosine``, ``seed``) and its own inner loop
+    or outer update:
+
+    * ``'MAML'`` (Finn et al., 2017) and ``'first-order MAML'``: one inner step of
+      ``inner_lr``, the exact or the first-order meta-gradient;
+    * ``'Meta-SGD'`` (Li et al., 2017): the same step with a learned step size per
+      parameter entry, :func:`~metabp.bilevel.init_lrs` at ``inner_lr``;
+    * ``'Reptile'`` (Nichol et al., 2018): ``steps`` inner steps on all of a task's
+      examples, then :func:`reptile_step`;
+    * ``'implicit MAML'`` (Rajeswaran et al., 2019): ``steps`` steps on the proximal
+      problem of ``lam``, then :func:`implicit_step` with ``cg_steps``
+      conjugate-gradient steps.
+
+    Args:
+        name: one of :data:`LEARNERS`.
+        model: the network, meta-trained in place (seed it before building it).
+        sample: ``sample(meta_batch_size, generator) -> TaskBatch``, e.g. a
+            :class:`~metabp.tasks.SinusoidTasks`.
+        iterations: meta-steps.
+        inner_lr: the inner step size (Meta-SGD's initial one).
+        steps, lam, cg_steps: Reptile's and implicit MAML's inner steps, implicit
+            MAML's proximal weight and conjugate-gradient steps.
+        loss: the inner and query loss ('mse', 'cross_entropy').
+        meta_batch_size, meta_lr, cosine, seed, progress: the outer loop, as in
+            :func:`~metabp.training.meta_train`.
+
+    Returns:
+        ``score(batch) -> (B,)``: each held-out task's query loss after the learner's
+        own test-time adaptation, the one it was trained for (one step for the MAML
+        family, with the learned step sizes for Meta-SGD; ``steps`` steps for Reptile;
+        ``steps`` proximal steps for implicit MAML), and the training
+        :class:`~metabp.training.History`.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`LEARNERS` (the message lists them),
+            or another argument is out of range.
+    """
+    one_of("name", name, LEARNERS)
+    positive_int("steps", steps)
+    positive_int("cg_steps", cg_steps)
+    positive_float("lam", lam)
+    common: dict[str, Any] = dict(
+        meta_batch_size=meta_batch_size, meta_lr=meta_lr, cosine=cosine, seed=seed, progress=progress
+    )
+    one_step = InnerLoop(loss, inner_lr, 1)
+    many_steps = InnerLoop(loss, inner_lr, steps)
+    if name in ("MAML", "first-order MAML"):
+        inner = InnerLoop(loss, inner_lr, 1, first_order=name == "first-order MAML")
+        history = meta_train(model, sample, inner, iterations, **common)
+
+        def score(test: TaskBatch) -> Tensor:
+            return adaptation_curve(model, test, one_step, [1])[0]
+
+    elif name == "Meta-SGD":
+        lrs = init_lrs(model, inner_lr)
+        history = meta_train(model, sample, one_step, iterations, lrs=lrs, **common)
+
+        def score(test: TaskBatch) -> Tensor:
+            return adaptation_curve(model, test, one_step, [1], lrs=lrs)[0]
+
+    elif name == "Reptile":
+        step = partial(reptile_step, inner=many_steps)
+        history = meta_train(model, sample, many_steps, iterations, step=step, **common)
+
+        def score(test: TaskBatch) -> Tensor:
+            return adaptation_curve(model, test, many_steps, [steps])[0]
+
+    else:  # implicit MAML
+        step = partial(implicit_step, inner=many_steps, lam=lam, cg_steps=cg_steps)
+        history = meta_train(model, sample, many_steps, iterations, step=step, **common)
+
+        def score(test: TaskBatch) -> Tensor:
+            return proximal_query_loss(model, test, many_steps, lam)
+
+    return score, history
