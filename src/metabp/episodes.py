@@ -113,6 +113,23 @@ def rotate(classes: ImageClasses, degrees: float) -> ImageClasses:
     return ImageClasses(turned.reshape(c, m, h, w).contiguous(), tuple(n + suffix for n in classes.names))
 
 
+def alphabet_groups(names: tuple[str, ...]) -> tuple[tuple[str, ...], Tensor]:
+    """The groups of :class:`EpisodeSampler`'s ``same_alphabet`` option, and each class's group.
+
+    A class named ``"Alphabet/character"`` belongs to group ``"Alphabet"``; a rotated or
+    turned copy (``"Alphabet/character/rot90"``) to ``"Alphabet/rot90"``, so each rotation
+    of an alphabet is an alphabet of its own: its characters are told apart from one
+    another at one orientation, as in Lake et al.'s within-alphabet runs.
+
+    Returns:
+        The sorted group names and an ``int64`` tensor ``(len(names),)`` of group indices.
+    """
+    keys = ["/".join([n.split("/")[0], *n.split("/")[2:]]) for n in names]
+    groups = tuple(sorted(set(keys)))
+    index = {g: i for i, g in enumerate(groups)}
+    return groups, torch.tensor([index[k] for k in keys], dtype=torch.int64)
+
+
 def _check_episode(classes: ImageClasses, ways: int, shots: int, queries: int) -> None:
     if isinstance(ways, bool) or not isinstance(ways, int) or not 2 <= ways <= len(classes):
         raise ValueError(f"ways must be an integer from 2 to the number of classes ({len(classes)}), got {ways!r}")
@@ -138,6 +155,12 @@ class EpisodeSampler:
         ways: N, classes per episode.
         shots: K, support drawings per class.
         queries: query drawings per class.
+        same_alphabet: draw all N classes of a task from one alphabet, chosen uniformly
+            among the alphabets with at least N classes (:func:`alphabet_groups`: each
+            rotation of an alphabet counts as an alphabet of its own, so a task's
+            characters share an alphabet and an orientation), as in Lake et al.'s
+            within-alphabet one-shot runs. Smaller alphabets are left out
+            (``alphabets`` lists the ones drawn from).
 
     ``sample(num_tasks, generator)`` returns a :class:`~metabp.tasks.TaskBatch` with
     ``x_spt (B, N*K, 1, H, W)`` float in [0, 1], ``y_spt (B, N*K)`` int64 (class-major:
@@ -146,13 +169,30 @@ class EpisodeSampler:
     ``last_classes`` ``(B, N)``, for tests and figures.
     """
 
-    def __init__(self, classes: ImageClasses, ways: int = 5, shots: int = 1, queries: int = 15) -> None:
+    def __init__(
+        self, classes: ImageClasses, ways: int = 5, shots: int = 1, queries: int = 15, same_alphabet: bool = False
+    ) -> None:
         _check_episode(classes, ways, shots, queries)
+        if not isinstance(same_alphabet, bool):
+            raise ValueError(f"same_alphabet must be True or False, got {same_alphabet!r}")
         self.classes, self.ways, self.shots, self.queries = classes, ways, shots, queries
+        self.same_alphabet = same_alphabet
         self.last_classes: Tensor | None = None
+        self.alphabets: tuple[str, ...] = ()
+        if same_alphabet:
+            groups, self._group = alphabet_groups(classes.names)
+            sizes = torch.bincount(self._group, minlength=len(groups))
+            self._eligible = torch.nonzero(sizes >= ways).flatten()
+            self.alphabets = tuple(groups[i] for i in self._eligible.tolist())
+            if not self.alphabets:
+                raise ValueError(
+                    f"same_alphabet needs an alphabet with at least ways={ways} classes; the largest of "
+                    f"{len(groups)} has {int(sizes.max())}"
+                )
 
     def __repr__(self) -> str:
-        return f"EpisodeSampler({self.ways}-way {self.shots}-shot, {self.queries} queries, {self.classes!r})"
+        within = ", one alphabet per task" if self.same_alphabet else ""
+        return f"EpisodeSampler({self.ways}-way {self.shots}-shot, {self.queries} queries{within}, {self.classes!r})"
 
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         positive_int("num_tasks", num_tasks)
@@ -160,7 +200,11 @@ class EpisodeSampler:
         c, m = len(self.classes), self.classes.drawings
         # A random permutation per row is argsort of uniform noise; its first
         # entries are a uniform draw without replacement.
-        cls = torch.rand(num_tasks, c, generator=generator).argsort(1)[:, :n]
+        noise = torch.rand(num_tasks, c, generator=generator)
+        if self.same_alphabet:  # classes outside the task's alphabet sort last
+            alphabet = self._eligible[torch.randint(len(self._eligible), (num_tasks,), generator=generator)]
+            noise += (self._group.unsqueeze(0) != alphabet.unsqueeze(1)).float()
+        cls = noise.argsort(1)[:, :n]
         drawing = torch.rand(num_tasks, n, m, generator=generator).argsort(2)[..., : k + q]
         self.last_classes = cls
         device = self.classes.images.device
