@@ -261,18 +261,67 @@ def test_small1_gives_twenty_way_tasks_within_each_alphabet_and_rotation():
     assert all(len({int(index[c]) for c in row}) == 1 for row in sampler.last_classes.tolist())
 
 
-def test_train_same_alphabet_from_the_library_and_the_command_line(tmp_path, capsys):
+def test_train_same_alphabet_and_distorted_from_the_library_and_the_command_line(tmp_path, capsys):
     classes = load_split("small1", "train")
     config = FewShotConfig(ways=3, queries=1, hidden=4, meta_batch_size=2, iterations=2, same_alphabet=True)
     _, history = train(config, classes, tmp_path / "lib.pt", progress=False)
     assert len(history.loss) == 2
     assert load_model(tmp_path / "lib.pt")[1].same_alphabet is True
     out = tmp_path / "cli.pt"
-    code, _, err = run_cli(["train", "omniglot", "--out", out, *TINY, "--same-alphabet", "--no-progress"], capsys)
+    args = ["train", "omniglot", "--out", out, *TINY, "--same-alphabet", "--distort", "0.5", "--no-progress"]
+    code, _, err = run_cli(args, capsys)
     assert code == 0, err
-    assert load_model(out)[1].same_alphabet is True
-    # checkpoints written before the option existed read as without it
+    assert load_model(out)[1].same_alphabet is True and load_model(out)[1].distort == 0.5
+    # checkpoints written before the options existed read as without them
     state = torch.load(out, weights_only=True)
-    del state["config"]["same_alphabet"]
+    del state["config"]["same_alphabet"], state["config"]["distort"]
     torch.save(state, tmp_path / "old.pt")
-    assert load_model(tmp_path / "old.pt")[1].same_alphabet is False
+    old = load_model(tmp_path / "old.pt")[1]
+    assert old.same_alphabet is False and old.distort == 0.0
+
+
+# --- small affine distortions of the training drawings ---------------------------------------------------------
+
+
+def test_distortion_keeps_the_episode_and_moves_the_ink_a_little():
+    classes = load_split("small1", "train")
+    plain = EpisodeSampler(classes, ways=5, shots=1, queries=2)
+    moved = EpisodeSampler(classes, ways=5, shots=1, queries=2, distort=1.0)
+    almost = EpisodeSampler(classes, ways=5, shots=1, queries=2, distort=1e-6)
+    a, b, c = (s.sample(6, torch.Generator().manual_seed(7)) for s in (plain, moved, almost))
+    assert torch.equal(plain.last_classes, moved.last_classes)  # its random numbers come after the episode's
+    assert torch.equal(a.y_spt, b.y_spt) and torch.equal(a.y_qry, b.y_qry)
+    assert torch.allclose(a.x_spt, c.x_spt, atol=1e-4) and torch.allclose(a.x_qry, c.x_qry, atol=1e-4)  # identity
+    assert (a.x_spt - b.x_spt).abs().mean() > 0.02  # visibly moved
+    assert b.x_spt.min() >= 0 and b.x_spt.max() <= 1
+    ink = a.x_spt.sum((-1, -2, -3))
+    assert ((b.x_spt.sum((-1, -2, -3)) - ink).abs() < 0.3 * ink).all()  # scaled by at most 10% per axis
+    again = moved.sample(6, torch.Generator().manual_seed(7))
+    assert torch.equal(again.x_spt, b.x_spt)
+
+
+def test_a_shift_moves_the_centre_of_the_ink_by_at_most_two_pixels(monkeypatch):
+    import metabp.episodes as episodes
+
+    monkeypatch.setattr(episodes, "DISTORTION", {"degrees": 0.0, "shear": 0.0, "scale": 0.0, "shift": 2.0})
+    x = torch.zeros(50, 1, 28, 28)
+    x[:, :, 12:16, 10:14] = 1.0
+    y = episodes.distort_images(x, 1.0, torch.Generator().manual_seed(0))
+    grid = torch.arange(28.0)
+
+    def centre(img):
+        mass = img.sum((-1, -2))
+        return torch.stack([(img.sum(-1) * grid).sum(-1) / mass, (img.sum(-2) * grid).sum(-1) / mass], -1)
+
+    move = (centre(y) - centre(x)).squeeze(1)
+    assert move.abs().max() <= 2.0 + 1e-4 and move.abs().max() > 1.0
+    assert torch.allclose(y.sum((-1, -2)), x.sum((-1, -2)), rtol=1e-4)  # a shift keeps all the ink
+
+
+def test_bad_distortions_are_named():
+    classes = lettered({"A": 4})
+    for bad in (-0.1, 2.5, True, "1"):
+        with pytest.raises(ValueError, match="distort"):
+            EpisodeSampler(classes, ways=2, shots=1, queries=1, distort=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="distort"):
+            FewShotConfig(distort=bad)  # type: ignore[arg-type]

@@ -142,6 +142,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "iterations": "meta-updates in total",
         "cosine": "decay the meta learning rate along a cosine",
         "same_alphabet": "draw all ways of a training task from one alphabet (Lake et al.'s within-alphabet tasks)",
+        "distort": "strength (0 to 2) of small random affine distortions of the training drawings (default 0)",
     }
     for f in fields(FewShotConfig):
         flag = "--" + f.name.replace("_", "-")
