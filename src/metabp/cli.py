@@ -14,7 +14,17 @@ Commands:
 * ``evaluate omniglot --checkpoint CHECKPOINT``: accuracy and 95% interval on
   the held-out alphabets (``evaluate sinusoid|navigation`` for the others).
 * ``evaluate-runs --checkpoint CHECKPOINT [--runs FOLDER]``: error on Lake et
-  al.'s 20 official one-shot runs; the last line is ``error_percent: X``.
+  al.'s 20 official one-shot runs, or on runs in their layout (``make-runs``); the
+  last line is ``error_percent: X``. It takes every checkpoint the command line
+  writes: MAML, first-order MAML and ANIL adapt by gradient steps, prototypical
+  networks compare with prototypes, and a ``pretrain`` classifier is scored by
+  nearest prototype on its features (its body's embedding, as a prototypical
+  network's; no fine-tuning, so nothing to tune).
+* ``make-runs [--background small1] [--seed S] [--out FOLDER]``: 20 seeded
+  within-alphabet 20-way 1-shot runs built as Lake et al. built theirs, from the
+  alphabets the background set holds out, in the official layout
+  (:func:`metabp.omniglot_runs.make_lake_runs`); without ``--out`` they go to the
+  cache folder and are reused.
 * ``bench [sinusoid] [omniglot]``: the same MAML meta-step with this library,
   learn2learn, higher, TorchOpt and the article's listing, checked and timed
   (:mod:`metabp.bench`); one ``CONFIG ratio_vs_learn2learn: X ratio_vs_floor: Y``
@@ -131,6 +141,8 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "hidden": "filters per convolution",
         "iterations": "meta-updates in total",
         "cosine": "decay the meta learning rate along a cosine",
+        "same_alphabet": "draw all ways of a training task from one alphabet (Lake et al.'s within-alphabet tasks)",
+        "distort": "strength (0 to 2) of small random affine distortions of the training drawings (default 0)",
     }
     for f in fields(FewShotConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -201,13 +213,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(evo)
     add_evaluate_parsers(ev_families)
 
-    runs = commands.add_parser("evaluate-runs", help="error on Lake et al.'s 20 official one-shot runs")
-    runs.add_argument("--checkpoint", required=True, type=Path)
+    runs = commands.add_parser(
+        "evaluate-runs", help="error on Lake et al.'s 20 official one-shot runs (or runs from make-runs)"
+    )
+    runs.add_argument(
+        "--checkpoint", required=True, type=Path, help="written by train omniglot (any algorithm) or pretrain omniglot"
+    )
     runs.add_argument(
         "--runs", type=Path, default=None, help="folder holding run01 .. run20 (default: download all_runs.zip)"
     )
     _add_adaptation(runs)
     _add_common(runs)
+
+    make = commands.add_parser(
+        "make-runs", help="20 seeded within-alphabet 20-way 1-shot runs in the official runs' layout"
+    )
+    make.add_argument(
+        "--background",
+        default="small1",
+        help="the background set meta-training used: runs come from the alphabets it holds out "
+        "(small1: Japanese (katakana) and Sanskrit of small2; default small1)",
+    )
+    make.add_argument("--seed", type=_seed, default=0, help="seeds every choice (default 0)")
+    make.add_argument(
+        "--out", type=Path, default=None, help="new folder to write (default: $METABP_CACHE/omniglot/lake_runs/...)"
+    )
 
     from .bench import CONFIGS, IMPLS
 
@@ -494,18 +524,48 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_runs(args: argparse.Namespace) -> int:
-    from .fewshot import load_model
-    from .omniglot_runs import fetch_runs, load_runs, runs_as_tasks
+    from . import checkpoint
+    from .omniglot_runs import fetch_runs, load_runs, runs_accuracy
 
     device = _device(args.device)
-    model, config, _ = load_model(args.checkpoint, device)
-    folder = fetch_runs() if args.runs is None else args.runs
-    runs = load_runs(folder)
-    acc = _adapted_accuracy(args, model, config, runs_as_tasks(runs).to(device)).cpu()
+    if args.steps is not None and args.steps < 0:
+        raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    checkpoint.load(args.checkpoint)  # a missing or damaged checkpoint is named before any download
+    runs = load_runs(fetch_runs() if args.runs is None else args.runs)
+    try:
+        acc = runs_accuracy(args.checkpoint, runs, args.steps, args.inner_lr, device)
+    except ValueError as problem:
+        raise ValueError(str(problem).replace("steps and inner_lr", "--steps and --inner-lr")) from None
     errors = [100.0 * (1.0 - a) for a in acc.tolist()]
     for run, err in zip(runs, errors, strict=True):
         print(f"{run.name}: error {err:.1f}%")
     print(f"error_percent: {sum(errors) / len(errors):.2f}")
+    return 0
+
+
+def _make_runs(args: argparse.Namespace) -> int:
+    from .omniglot import BACKGROUNDS
+    from .omniglot_runs import lake_runs, make_lake_runs, read_manifest
+
+    if args.background not in BACKGROUNDS:
+        raise ValueError(f"--background must be one of {', '.join(BACKGROUNDS)}, got {args.background!r}")
+    if args.out is None:
+        folder = lake_runs(args.background, args.seed)
+        manifest = read_manifest(folder)
+    else:
+        if args.out.exists():
+            raise ValueError(f"--out {args.out} exists; runs are never written over, choose a new folder")
+        if not args.out.parent.is_dir():
+            raise ValueError(f"--out {args.out}: the folder {args.out.parent} does not exist")
+        folder, manifest = args.out, make_lake_runs(args.out, args.background, args.seed)
+    per = {a: sum(r["alphabet"] == a for r in manifest["runs"]) for a in manifest["alphabets"]}
+    left = "".join(f"; {a} left out ({n} characters, fewer than 20)" for a, n in manifest.get("left_out", {}).items())
+    print(
+        f"20 within-alphabet 20-way 1-shot runs (seed {args.seed}) from the alphabets {args.background} holds out: "
+        f"{', '.join(f'{a} ({n} runs)' for a, n in per.items())}{left}"
+    )
+    print(f"score a checkpoint with: python -m metabp evaluate-runs --checkpoint CHECKPOINT --runs {folder}")
+    print(f"runs: {folder}")
     return 0
 
 
@@ -586,6 +646,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return scaling_main(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "make-runs":
+            return _make_runs(args)
         return _evaluate_runs(args)
     except (ValueError, DataError, CheckpointError, DivergenceError, OSError) as err:
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line

@@ -113,6 +113,60 @@ def rotate(classes: ImageClasses, degrees: float) -> ImageClasses:
     return ImageClasses(turned.reshape(c, m, h, w).contiguous(), tuple(n + suffix for n in classes.names))
 
 
+def alphabet_groups(names: tuple[str, ...]) -> tuple[tuple[str, ...], Tensor]:
+    """The groups of :class:`EpisodeSampler`'s ``same_alphabet`` option, and each class's group.
+
+    A class named ``"Alphabet/character"`` belongs to group ``"Alphabet"``; a rotated or
+    turned copy (``"Alphabet/character/rot90"``) to ``"Alphabet/rot90"``, so each rotation
+    of an alphabet is an alphabet of its own: its characters are told apart from one
+    another at one orientation, as in Lake et al.'s within-alphabet runs.
+
+    Returns:
+        The sorted group names and an ``int64`` tensor ``(len(names),)`` of group indices.
+    """
+    keys = ["/".join([n.split("/")[0], *n.split("/")[2:]]) for n in names]
+    groups = tuple(sorted(set(keys)))
+    index = {g: i for i, g in enumerate(groups)}
+    return groups, torch.tensor([index[k] for k in keys], dtype=torch.int64)
+
+
+#: At ``distort=1``: the largest rotation (degrees), shear, relative change of scale and shift (pixels of 28).
+DISTORTION = {"degrees": 10.0, "shear": 0.15, "scale": 0.1, "shift": 2.0}
+
+
+def distort_images(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
+    """Every image of ``x`` ``(..., 1, H, W)`` through its own small random affine map.
+
+    The map rotates by up to ``strength * 10`` degrees, shears by up to ``strength * 0.15``,
+    scales each axis by a factor within ``1 +- strength * 0.1`` and shifts by up to
+    ``strength * 2`` pixels per 28 (:data:`DISTORTION`), each drawn uniformly; pixels that
+    come from outside the image are background (0). This is the kind of augmentation Koch
+    et al. (2015) used on Omniglot: a drawing moved about as another person's hand would
+    move it. ``strength=0`` returns ``x`` unchanged.
+    """
+    import torch.nn.functional as F
+
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 2:
+        raise ValueError(f"strength must be a number from 0 to 2, got {strength!r}")
+    if strength == 0:
+        return x
+    flat = x.reshape(-1, *x.shape[-3:])
+    u = torch.rand(flat.shape[0], 6, generator=generator).mul_(2).sub_(1).mul_(strength).to(x.device)  # U(-s, s)
+    angle = torch.deg2rad(u[:, 0] * DISTORTION["degrees"])
+    shear = u[:, 1] * DISTORTION["shear"]
+    sx, sy = 1 + u[:, 2] * DISTORTION["scale"], 1 + u[:, 3] * DISTORTION["scale"]
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # rotation @ shear @ scale, in affine_grid's coordinates (-1 .. 1 across the image)
+    a = torch.stack(
+        [torch.stack([cos * sx, (cos * shear - sin) * sy], -1), torch.stack([sin * sx, (sin * shear + cos) * sy], -1)],
+        1,
+    )
+    shift = u[:, 4:] * (2 * DISTORTION["shift"] / 28)
+    theta = torch.cat([a, shift.unsqueeze(-1)], -1)
+    grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+    return F.grid_sample(flat, grid, mode="bilinear", padding_mode="zeros", align_corners=False).reshape(x.shape)
+
+
 def _check_episode(classes: ImageClasses, ways: int, shots: int, queries: int) -> None:
     if isinstance(ways, bool) or not isinstance(ways, int) or not 2 <= ways <= len(classes):
         raise ValueError(f"ways must be an integer from 2 to the number of classes ({len(classes)}), got {ways!r}")
@@ -138,6 +192,15 @@ class EpisodeSampler:
         ways: N, classes per episode.
         shots: K, support drawings per class.
         queries: query drawings per class.
+        same_alphabet: draw all N classes of a task from one alphabet, chosen uniformly
+            among the alphabets with at least N classes (:func:`alphabet_groups`: each
+            rotation of an alphabet counts as an alphabet of its own, so a task's
+            characters share an alphabet and an orientation), as in Lake et al.'s
+            within-alphabet one-shot runs. Smaller alphabets are left out
+            (``alphabets`` lists the ones drawn from).
+        distort: strength of a small random affine distortion of every drawing
+            (:func:`distort_images`), from 0 (none, the default) to 2. Its random numbers
+            are drawn after the episode's, so the classes and drawings do not change.
 
     ``sample(num_tasks, generator)`` returns a :class:`~metabp.tasks.TaskBatch` with
     ``x_spt (B, N*K, 1, H, W)`` float in [0, 1], ``y_spt (B, N*K)`` int64 (class-major:
@@ -146,13 +209,39 @@ class EpisodeSampler:
     ``last_classes`` ``(B, N)``, for tests and figures.
     """
 
-    def __init__(self, classes: ImageClasses, ways: int = 5, shots: int = 1, queries: int = 15) -> None:
+    def __init__(
+        self,
+        classes: ImageClasses,
+        ways: int = 5,
+        shots: int = 1,
+        queries: int = 15,
+        same_alphabet: bool = False,
+        distort: float = 0.0,
+    ) -> None:
         _check_episode(classes, ways, shots, queries)
+        if not isinstance(same_alphabet, bool):
+            raise ValueError(f"same_alphabet must be True or False, got {same_alphabet!r}")
+        if isinstance(distort, bool) or not isinstance(distort, (int, float)) or not 0 <= distort <= 2:
+            raise ValueError(f"distort must be a number from 0 to 2, got {distort!r}")
         self.classes, self.ways, self.shots, self.queries = classes, ways, shots, queries
+        self.same_alphabet, self.distort = same_alphabet, float(distort)
         self.last_classes: Tensor | None = None
+        self.alphabets: tuple[str, ...] = ()
+        if same_alphabet:
+            groups, self._group = alphabet_groups(classes.names)
+            sizes = torch.bincount(self._group, minlength=len(groups))
+            self._eligible = torch.nonzero(sizes >= ways).flatten()
+            self.alphabets = tuple(groups[i] for i in self._eligible.tolist())
+            if not self.alphabets:
+                raise ValueError(
+                    f"same_alphabet needs an alphabet with at least ways={ways} classes; the largest of "
+                    f"{len(groups)} has {int(sizes.max())}"
+                )
 
     def __repr__(self) -> str:
-        return f"EpisodeSampler({self.ways}-way {self.shots}-shot, {self.queries} queries, {self.classes!r})"
+        within = ", one alphabet per task" if self.same_alphabet else ""
+        within += f", distorted ({self.distort:g})" if self.distort else ""
+        return f"EpisodeSampler({self.ways}-way {self.shots}-shot, {self.queries} queries{within}, {self.classes!r})"
 
     def sample(self, num_tasks: int, generator: torch.Generator | None = None) -> TaskBatch:
         positive_int("num_tasks", num_tasks)
@@ -160,11 +249,16 @@ class EpisodeSampler:
         c, m = len(self.classes), self.classes.drawings
         # A random permutation per row is argsort of uniform noise; its first
         # entries are a uniform draw without replacement.
-        cls = torch.rand(num_tasks, c, generator=generator).argsort(1)[:, :n]
+        noise = torch.rand(num_tasks, c, generator=generator)
+        if self.same_alphabet:  # classes outside the task's alphabet sort last
+            alphabet = self._eligible[torch.randint(len(self._eligible), (num_tasks,), generator=generator)]
+            noise += (self._group.unsqueeze(0) != alphabet.unsqueeze(1)).float()
+        cls = noise.argsort(1)[:, :n]
         drawing = torch.rand(num_tasks, n, m, generator=generator).argsort(2)[..., : k + q]
         self.last_classes = cls
         device = self.classes.images.device
         x = _to_float(self.classes.images[cls.unsqueeze(-1).to(device), drawing.to(device)])  # (B, N, K+Q, 1, H, W)
+        x = distort_images(x, self.distort, generator)
         y = torch.arange(n, device=device).view(1, n, 1).expand(num_tasks, n, k + q)
         return TaskBatch(
             x[:, :, :k].flatten(1, 2), y[:, :, :k].flatten(1, 2), x[:, :, k:].flatten(1, 2), y[:, :, k:].flatten(1, 2)

@@ -61,6 +61,11 @@ class FewShotConfig:
         iterations: meta-updates.
         cosine: decay the meta learning rate to zero along a cosine.
         seed: seeds the initialisation and the task stream.
+        same_alphabet: draw all ways of a training task from one alphabet (at one
+            rotation), as Lake et al.'s within-alphabet runs do (see
+            :class:`~metabp.episodes.EpisodeSampler`).
+        distort: strength (0 to 2) of a small random affine distortion of every
+            training drawing (:func:`~metabp.episodes.distort_images`); 0, none, by default.
     """
 
     algorithm: str = "maml"
@@ -76,6 +81,8 @@ class FewShotConfig:
     iterations: int = 4000
     cosine: bool = True
     seed: int = 0
+    same_alphabet: bool = False
+    distort: float = 0.0
 
     def __post_init__(self) -> None:
         from .omniglot import BACKGROUNDS
@@ -90,8 +97,11 @@ class FewShotConfig:
         nonnegative_int("seed", self.seed)
         positive_float("inner_lr", self.inner_lr)
         positive_float("meta_lr", self.meta_lr)
-        if not isinstance(self.cosine, bool):
-            raise ValueError(f"cosine must be True or False, got {self.cosine!r}")
+        if isinstance(self.distort, bool) or not isinstance(self.distort, (int, float)) or not 0 <= self.distort <= 2:
+            raise ValueError(f"distort must be a number from 0 to 2, got {self.distort!r}")
+        for name in ("cosine", "same_alphabet"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     @property
     def inner(self) -> InnerLoop | None:
@@ -250,7 +260,9 @@ def train(
         if stored != config:
             raise ValueError(f"config differs from the one stored in {out}: {stored}")
     generator = seed_everything(config.seed)
-    sampler = EpisodeSampler(classes.to(device), config.ways, config.shots, config.queries)
+    sampler = EpisodeSampler(
+        classes.to(device), config.ways, config.shots, config.queries, config.same_alphabet, config.distort
+    )
     model = build_model(config).to(device)
     optimizer = make_optimizer(model.parameters(), config.meta_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.iterations) if config.cosine else None

@@ -325,6 +325,24 @@ def check_extracted(name: str, folder: Path) -> list[tuple[str, str, list[Path]]
     return entries
 
 
+def extracted_entries(
+    name: str, root: Path | str | None = None, download: bool = True, cache: Path | str | None = None
+) -> list[tuple[str, str, list[Path]]]:
+    """``[(alphabet, character, drawing paths)]`` of archive ``name``, extracted in the cache folder.
+
+    Extracts the zip (fetching it first if it is absent, see :func:`fetch_archive`)
+    unless the cache folder holds its extracted folder already, and checks that
+    folder against its manifest (:func:`check_extracted`). The drawings' paths are
+    sorted, so drawing ``m`` of a character is the file ending in ``_{m + 1:02d}.png``.
+    """
+    one_of("name", name, tuple(ARCHIVES))
+    extracted = (cache_dir("omniglot") if cache is None else Path(cache)).expanduser() / name
+    if not extracted.is_dir():
+        zip_path = fetch_archive(name, root, download, cache)
+        extracted = extract(name, zip_path, write_dir(cache))
+    return check_extracted(name, extracted)
+
+
 def decode(path: Path | str, size: int = IMAGE_SIZE) -> torch.Tensor:
     """One drawing as ``uint8 (size, size)``, ink 255 on background 0.
 
@@ -385,11 +403,7 @@ def load_archive(
     target = cache_file(name, size, cache)
     if target.exists() and (found := _read_cache(target, name, size)) is not None:
         return found
-    extracted = target.parent / name
-    if not extracted.is_dir():
-        zip_path = fetch_archive(name, root, download, cache)
-        extracted = extract(name, zip_path, write_dir(cache))
-    entries = check_extracted(name, extracted)
+    entries = extracted_entries(name, root, download, cache)
     images = torch.stack([torch.stack([decode(p, size) for p in drawings]) for _, _, drawings in entries])
     classes = ImageClasses(images, tuple(f"{a}/{c}" for a, c, _ in entries))
     atomic_save(

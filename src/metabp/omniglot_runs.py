@@ -1,9 +1,11 @@
-"""Lake et al.'s (2015) twenty official one-shot classification runs.
+"""Lake et al.'s (2015) twenty official one-shot classification runs, and runs built the same way.
 
 Each run is a 20-way one-shot task within one alphabet of Omniglot's evaluation
 set: 20 training images (one per character) and 20 test images, each to be
-matched to its character. The published layout, as in ``all_runs.zip`` of the
-data set's repository (``python/one-shot-classification``), is::
+matched to its character. In the official runs every training image of a run is
+by one drawer and every test image by another (the files' ``_NN`` suffix), and each
+of ten evaluation alphabets gives two runs. The published layout, as in
+``all_runs.zip`` of the data set's repository (``python/one-shot-classification``), is::
 
     run01/training/class01.png ... class20.png
     run01/test/item01.png ... item20.png
@@ -11,25 +13,52 @@ data set's repository (``python/one-shot-classification``), is::
     ...
     run20/...
 
-Error rates from the paper on these runs (Lake et al., 2015, trained on the
-minimal background sets): a ConvNet 24.0% (small1) and 22.3% (small2), Bayesian
-Program Learning 4.3% and 4.0%, people 4.5%.
+Published error rates on this task (20-way, one shot, within an alphabet): people
+4.5% and a ConvNet trained on the 30 background alphabets 13.5% (Lake et al.,
+2015); in the minimal setting (five background alphabets, ``images_background_small1``
+or ``small2``) Bayesian Program Learning about 4.2% and prototypical networks 30.1%
+(Lake, Salakhutdinov & Tenenbaum, 2019, "The Omniglot challenge: a 3-year progress
+report").
+
+The official runs are drawn from the evaluation set. :func:`make_lake_runs` builds
+runs the same way from the alphabets that a background set holds out (for
+``small1``, the alphabets of ``small2`` that ``small1`` lacks): for each run one
+alphabet, 20 of its characters, the training image of each by one drawer and the
+test image by another, written in the official layout, so that :func:`load_runs`
+(and ``python -m metabp evaluate-runs --runs FOLDER``) reads them exactly as it
+reads the official runs. :func:`lake_runs` keeps such a set in the cache folder.
+The images are the data set's own files, copied; they are never committed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import urllib.error
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .checks import nonnegative_int, one_of
 from .data import DataError
-from .omniglot import BASE_URL, IMAGE_SIZE, decode, download_error, download_file, locations, temp_dir, write_dir
+from .omniglot import (
+    BACKGROUNDS,
+    BASE_URL,
+    IMAGE_SIZE,
+    decode,
+    download_error,
+    download_file,
+    extracted_entries,
+    load_archive,
+    locations,
+    temp_dir,
+    write_dir,
+)
 from .tasks import TaskBatch
 
 RUNS_URL = f"{BASE_URL}/one-shot-classification/all_runs.zip"
@@ -37,6 +66,10 @@ RUNS = tuple(f"run{i:02d}" for i in range(1, 21))
 WAYS = 20
 LABELS_FILE = "class_labels.txt"
 FOLDER = "all_runs"
+#: What :func:`make_lake_runs` writes beside run01 .. run20: how each run was drawn.
+MANIFEST_FILE = "runs.json"
+#: Version of the way :func:`make_lake_runs` draws runs (part of the manifest).
+LAKE_RUNS_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -59,6 +92,48 @@ def runs_as_tasks(runs: list[OneShotRun]) -> TaskBatch:
     x_spt = torch.stack([r.train for r in runs])
     y_spt = torch.arange(WAYS).expand(len(runs), WAYS).clone()
     return TaskBatch(x_spt, y_spt, torch.stack([r.test for r in runs]), torch.stack([r.answers for r in runs]))
+
+
+def runs_accuracy(
+    path: Path | str,
+    runs: list[OneShotRun],
+    steps: int | None = None,
+    inner_lr: float | None = None,
+    device: str | torch.device = "cpu",
+) -> Tensor:
+    """Accuracy ``(len(runs),)`` on each run of the checkpoint at ``path``, whatever wrote it.
+
+    A checkpoint of ``train omniglot`` (:func:`metabp.fewshot.load_model`) is scored as
+    :func:`metabp.fewshot.accuracy` scores it: MAML, first-order MAML and ANIL adapt on
+    the 20 training images (``steps`` inner steps of ``inner_lr``, default
+    :func:`~metabp.fewshot.default_test_steps` and the training step), prototypical
+    networks compare each test image with the prototypes. A classifier of
+    ``pretrain omniglot`` (:func:`metabp.transfer.load_classifier`) is scored by nearest
+    prototype on its body's features (:func:`metabp.protonet.accuracy`): the training
+    images and the test images of a run are embedded in one batch, and each test image
+    takes the label of the nearest training image. It has no head for the run's classes
+    and nothing is fine-tuned, so there is no step size to choose.
+
+    Raises:
+        ValueError: ``steps`` or ``inner_lr`` given for a learner without an inner loop.
+        CheckpointError: the file is not a checkpoint of either kind.
+    """
+    from . import checkpoint, protonet
+    from .fewshot import accuracy, load_model
+    from .transfer import load_classifier
+
+    tasks = runs_as_tasks(runs).to(device)
+    if checkpoint.load(path).get("kind") == "classifier":
+        if steps is not None or inner_lr is not None:
+            raise ValueError(
+                f"{path} is a pretrained classifier, scored by nearest prototype on its features: "
+                "steps and inner_lr do not apply"
+            )
+        return protonet.accuracy(load_classifier(path)[0].to(device), tasks).cpu()
+    model, config, _ = load_model(path, device)
+    if steps is not None:
+        nonnegative_int("steps", steps)
+    return accuracy(model, tasks, config, None if steps is None else [steps], inner_lr)[-1].cpu()
 
 
 def _image(path: Path, size: int) -> Tensor:
@@ -183,3 +258,178 @@ def fetch_runs(root: Path | str | None = None, download: bool = True, cache: Pat
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest / FOLDER
+
+
+def _drawer(path: Path) -> int:
+    """The drawer number of an Omniglot file, ``0851_07.png`` -> 7."""
+    try:
+        return int(path.stem.rsplit("_", 1)[1])
+    except (IndexError, ValueError):
+        raise DataError(f"{path} is not named <character>_<drawer>.png as Omniglot's drawings are") from None
+
+
+def held_out_characters(
+    background: str = "small1", root: Path | str | None = None, download: bool = True, cache: Path | str | None = None
+) -> tuple[str, dict[str, list[tuple[str, dict[int, Path]]]]]:
+    """The characters that background set ``background`` holds out, grouped by alphabet.
+
+    These are the alphabets of :func:`metabp.omniglot.load_split` ``(background, 'test')``
+    (for 'small1', the alphabets of small2 that small1 lacks; for 'full', the 20
+    evaluation alphabets), read from the extracted archive so that the drawings'
+    files are at hand.
+
+    Returns:
+        The archive's name and ``{alphabet: [(character, {drawer: path})]}``, sorted.
+    """
+    one_of("background", background, tuple(BACKGROUNDS))
+    train_name, other_name = BACKGROUNDS[background]
+    seen = set(load_archive(train_name, root, download, cache=cache).alphabets)
+    alphabets: dict[str, list[tuple[str, dict[int, Path]]]] = {}
+    for alphabet, character, paths in extracted_entries(other_name, root, download, cache):
+        if alphabet not in seen:
+            alphabets.setdefault(alphabet, []).append((character, {_drawer(p): p for p in paths}))
+    return other_name, alphabets
+
+
+def make_lake_runs(
+    out: Path | str,
+    background: str = "small1",
+    seed: int = 0,
+    root: Path | str | None = None,
+    download: bool = True,
+    cache: Path | str | None = None,
+) -> dict[str, Any]:
+    """Write 20 seeded within-alphabet 20-way 1-shot runs to the new folder ``out``.
+
+    Built as Lake et al. built their official runs, from the alphabets that
+    ``background`` holds out (:func:`held_out_characters`; alphabets with fewer than 20
+    characters are left out, as Tagalog's 17 are for 'small1'). Run ``r`` takes the
+    ``r``-th of those alphabets in turn (so 'small1' gives ten runs each of Japanese
+    (katakana) and Sanskrit), 20 of its characters at random, two different drawers at
+    random among those who drew all 20, and copies the first drawer's drawing of each
+    character to ``training/classNN.png`` (characters in name order) and the second's, in
+    random order, to ``test/itemNN.png``, with ``class_labels.txt`` pairing them. Beside
+    the runs, :data:`MANIFEST_FILE` records how each was drawn. Everything is written to a
+    temporary folder, checked with :func:`load_runs` and renamed into place.
+
+    Args:
+        out: the folder to create (its parent must exist; ``out`` must not).
+        background: 'small1', 'small2' or 'full': the set meta-training used.
+        seed: seeds every choice; the same seed writes the same runs, byte for byte.
+        root, download, cache: where the Omniglot zips and the cache folder are
+            (see :func:`metabp.omniglot.load_archive`).
+
+    Returns:
+        The manifest (also written to ``out / MANIFEST_FILE``).
+
+    Raises:
+        ValueError: ``out`` exists or its parent does not, or a bad ``background`` or ``seed``.
+        DataError: the data set is missing or no held-out alphabet has 20 characters.
+    """
+    out = Path(out)
+    nonnegative_int("seed", seed)
+    if seed >= 2**64:
+        raise ValueError(f"seed must be below 2**64, got {seed}")
+    if out.exists():
+        raise ValueError(f"{out} exists; runs are never written over, choose a new folder")
+    if not out.parent.is_dir():
+        raise ValueError(f"the folder {out.parent} (where {out.name} would go) does not exist")
+    archive, alphabets = held_out_characters(background, root, download, cache)
+    eligible = [a for a in sorted(alphabets) if len(alphabets[a]) >= WAYS]
+    if not eligible:
+        raise DataError(f"no alphabet held out from {background} has {WAYS} characters for a {WAYS}-way run")
+    generator = torch.Generator().manual_seed(seed)
+    tmp = temp_dir(f"{out.name}.runs", out.parent)
+    runs = []
+    try:
+        for r, name in enumerate(RUNS):
+            alphabet = eligible[r % len(eligible)]
+            characters = alphabets[alphabet]
+            chosen = [characters[i] for i in sorted(torch.randperm(len(characters), generator=generator)[:WAYS])]
+            drawers = sorted(set.intersection(*(set(files) for _, files in chosen)))
+            if len(drawers) < 2:
+                raise DataError(f"the characters of {alphabet} drawn for {name} share fewer than two drawers")
+            first, second = (drawers[i] for i in torch.randperm(len(drawers), generator=generator)[:2])
+            order = torch.randperm(WAYS, generator=generator).tolist()  # test item i shows character order[i]
+            (tmp / name / "training").mkdir(parents=True)
+            (tmp / name / "test").mkdir()
+            for c, (_, files) in enumerate(chosen):
+                shutil.copyfile(files[first], tmp / name / "training" / f"class{c + 1:02d}.png")
+            lines = []
+            for i, c in enumerate(order):
+                shutil.copyfile(chosen[c][1][second], tmp / name / "test" / f"item{i + 1:02d}.png")
+                lines.append(f"{name}/test/item{i + 1:02d}.png {name}/training/class{c + 1:02d}.png")
+            (tmp / name / LABELS_FILE).write_text("\n".join(lines) + "\n")
+            runs.append(
+                {
+                    "name": name,
+                    "alphabet": alphabet,
+                    "characters": [character for character, _ in chosen],
+                    "training_drawer": first,
+                    "test_drawer": second,
+                    "answers": order,
+                }
+            )
+        manifest = {
+            "version": LAKE_RUNS_VERSION,
+            "background": background,
+            "seed": seed,
+            "archive": archive,
+            "alphabets": eligible,
+            "left_out": {a: len(alphabets[a]) for a in sorted(alphabets) if a not in eligible},
+            "runs": runs,
+        }
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+        load_runs(tmp)  # the layout check of the official runs, before anything is moved into place
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def read_manifest(folder: Path | str) -> dict[str, Any]:
+    """The manifest :func:`make_lake_runs` wrote into ``folder``; DataError if there is none."""
+    path = Path(folder) / MANIFEST_FILE
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict) or len(manifest["runs"]) != len(RUNS):
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is missing or unreadable: {folder} was not written by make_lake_runs") from None
+    return manifest
+
+
+def lake_runs(
+    background: str = "small1",
+    seed: int = 0,
+    root: Path | str | None = None,
+    download: bool = True,
+    cache: Path | str | None = None,
+) -> Path:
+    """The folder of the Lake-style runs of ``(background, seed)`` in the cache folder.
+
+    It is ``<cache>/lake_runs/<background>-seed<seed>`` (``cache`` defaults to
+    ``$METABP_CACHE/omniglot``), written by :func:`make_lake_runs` the first time and
+    reused afterwards if its manifest says it was drawn the same way.
+
+    Raises:
+        DataError: the folder exists but holds other runs (delete it to have it written again).
+    """
+    one_of("background", background, tuple(BACKGROUNDS))
+    nonnegative_int("seed", seed)
+    folder = write_dir(cache) / "lake_runs" / f"{background}-seed{seed}"
+    if not folder.exists():
+        folder.parent.mkdir(exist_ok=True)
+        try:
+            make_lake_runs(folder, background, seed, root, download, cache)
+        except OSError:
+            if not folder.is_dir():  # not a concurrent call that won the race
+                raise
+    manifest = read_manifest(folder)
+    if (manifest.get("version"), manifest.get("background"), manifest.get("seed")) != (
+        LAKE_RUNS_VERSION,
+        background,
+        seed,
+    ):
+        raise DataError(f"{folder} holds other runs than {background} seed {seed}; delete it to have it written again")
+    return folder

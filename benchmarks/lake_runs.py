@@ -1,0 +1,143 @@
+"""Within-alphabet error (Lake et al.'s one-shot task) of checkpoints on seeded Lake-style run sets.
+
+Each seed is one set of 20 runs built by ``python -m metabp make-runs --background small1 --seed S``
+(kept in $METABP_CACHE/omniglot/lake_runs), from the alphabets small1 holds out. Every checkpoint is
+scored on the same runs, so differences between checkpoints are paired run by run. Writes one JSON
+line per (checkpoint, seed) with the 20 per-run errors, then prints a summary:
+
+    OMP_NUM_THREADS=1 METABP_DATA=../shared/data python benchmarks/lake_runs.py \\
+        --out benchmarks/lake_runs.jsonl                       # the committed checkpoints, seeds 0-4
+    python benchmarks/lake_runs.py --summary benchmarks/lake_runs.jsonl   # the summary again
+
+``--checkpoint NAME=PATH`` (repeatable) scores other checkpoints instead; ``--steps K`` and
+``--inner-lr A`` change a gradient learner's adaptation at test time (as evaluate-runs does), and
+``--prototypes`` scores a gradient learner by nearest prototype on its body's features instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = {  # paths relative to the repository's root
+    "maml": "notebooks/checkpoints/omniglot_maml.pt",
+    "protonet": "notebooks/checkpoints/omniglot_protonet.pt",
+    "classifier": "notebooks/checkpoints/omniglot_classifier.pt",
+}
+
+
+def t95(n: int) -> float:
+    """Student's t quantile for a two-sided 95% interval of a mean of n values."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, n - 1))
+
+
+def mean_half(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / (n - 1))
+    return m, t95(n) * sd / math.sqrt(n)
+
+
+def summary(rows: list[dict], baselines: dict[str, str] | None = None) -> str:
+    """A table of the errors of ``rows``, then paired differences: each checkpoint against the one
+    ``baselines`` names for it (all pairs when ``baselines`` is None)."""
+    names = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    seeds = sorted({r["seed"] for r in rows})
+    errors = {(r["checkpoint"], r["seed"]): r["errors"] for r in rows}
+    out = ["| checkpoint | " + " | ".join(f"run set {s}" for s in seeds) + " | all runs | spread of set means |"]
+    out.append("|---|" + "---|" * (len(seeds) + 2))
+    for name in names:
+        cells, means, pooled = [], [], []
+        for s in seeds:
+            m, h = mean_half(errors[name, s])
+            cells.append(f"{m:.1f} ± {h:.1f}")
+            means.append(m)
+            pooled += errors[name, s]
+        m, h = mean_half(pooled)
+        out.append(
+            f"| {name} | " + " | ".join(cells) + f" | {m:.1f} ± {h:.1f} | {min(means):.1f} to {max(means):.1f} |"
+        )
+    out.append("")
+    out.append("Error in percent: mean over the 20 runs of a set ± 95% half-width (Student's t over runs);")
+    out.append(f"'all runs' pools the {20 * len(seeds)} runs of the {len(seeds)} sets.")
+    pairs = (
+        [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
+        if baselines is None
+        else [(a, b) for a, b in baselines.items() if a in names and b in names]
+    )
+    if pairs:
+        out.append("")
+        out.append("Paired differences in error (first minus second, all runs pooled, ± 95% half-width over runs):")
+        for a, b in pairs:
+            d = [x - y for s in seeds for x, y in zip(errors[a, s], errors[b, s], strict=True)]
+            m, h = mean_half(d)
+            out.append(f"  {a} - {b}: {m:+.1f} ± {h:.1f} points")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--checkpoint", action="append", default=None, metavar="NAME=PATH")
+    parser.add_argument("--steps", type=int, default=None, help="inner steps at test time")
+    parser.add_argument("--inner-lr", type=float, default=None, help="inner step size at test time")
+    parser.add_argument("--prototypes", action="store_true", help="nearest prototype on the body's features")
+    parser.add_argument("--out", type=Path, default=None, help="JSON lines to write (appended)")
+    parser.add_argument("--summary", type=Path, default=None, help="only summarise this file")
+    parser.add_argument(
+        "--against", action="append", default=None, metavar="NAME=BASELINE", help="with --summary: pairs to compare"
+    )
+    args = parser.parse_args(argv)
+    if args.summary is not None:
+        rows = [json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()]
+        print(summary(rows, None if args.against is None else dict(a.split("=", 1) for a in args.against)))
+        return 0
+
+    import torch
+
+    from metabp import protonet
+    from metabp.fewshot import load_model
+    from metabp.omniglot_runs import lake_runs, load_runs, runs_accuracy, runs_as_tasks
+
+    torch.set_num_threads(1)
+    checkpoints = DEFAULT if args.checkpoint is None else dict(c.split("=", 1) for c in args.checkpoint)
+    rows = []
+    for seed in args.seeds:
+        folder = lake_runs("small1", seed)
+        runs = load_runs(folder)
+        for name, path in checkpoints.items():
+            start = time.perf_counter()
+            if args.prototypes:
+                model = load_model(ROOT / path)[0]
+                acc = protonet.accuracy(model, runs_as_tasks(runs))
+            else:
+                acc = runs_accuracy(ROOT / path, runs, args.steps, args.inner_lr)  # an absolute path stays as it is
+            rows.append(
+                {
+                    "checkpoint": name,
+                    "path": str(path),
+                    "seed": seed,
+                    "steps": args.steps,
+                    "inner_lr": args.inner_lr,
+                    "prototypes": args.prototypes,
+                    "errors": [round(100.0 * (1.0 - a), 2) for a in acc.tolist()],
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+            print(f"{name} seed {seed}: {sum(rows[-1]['errors']) / 20:.2f}% ({rows[-1]['seconds']} s)", file=sys.stderr)
+    if args.out is not None:
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(summary(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,327 @@
+"""Lake-style runs (within one alphabet, two drawers), evaluate-runs on every kind of checkpoint,
+and same-alphabet training episodes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from cli_helpers import run_cli
+from runs_fixture import make_runs
+
+from metabp.data import DataError
+from metabp.episodes import EpisodeSampler, ImageClasses, alphabet_groups
+from metabp.fewshot import FewShotConfig, load_model, train
+from metabp.omniglot import load_split
+from metabp.omniglot_runs import (
+    MANIFEST_FILE,
+    RUNS,
+    held_out_characters,
+    lake_runs,
+    load_runs,
+    make_lake_runs,
+    read_manifest,
+    runs_accuracy,
+)
+
+TINY = ["--hidden", "4", "--ways", "3", "--queries", "1", "--meta-batch-size", "2", "--iterations", "3"]
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("lake") / "seed3"
+    return folder, make_lake_runs(folder, "small1", seed=3)
+
+
+@pytest.fixture(scope="module")
+def test_classes():
+    return load_split("small1", "test", rotations=False)
+
+
+def _files(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_runs_are_in_the_official_layout_and_load_as_the_official_runs_do(made):
+    folder, manifest = made
+    assert sorted(p.name for p in folder.iterdir()) == sorted([*RUNS, MANIFEST_FILE])
+    for name in RUNS:
+        assert sorted(p.name for p in (folder / name).iterdir()) == ["class_labels.txt", "test", "training"]
+        assert sorted(p.name for p in (folder / name / "training").iterdir()) == [
+            f"class{i:02d}.png" for i in range(1, 21)
+        ]
+        assert sorted(p.name for p in (folder / name / "test").iterdir()) == [f"item{i:02d}.png" for i in range(1, 21)]
+    runs = load_runs(folder)
+    assert [r.name for r in runs] == list(RUNS)
+    for run, drawn in zip(runs, manifest["runs"], strict=True):
+        assert run.train.shape == run.test.shape == (20, 1, 28, 28)
+        assert run.answers.tolist() == drawn["answers"] and sorted(drawn["answers"]) == list(range(20))
+
+
+def test_each_run_is_one_held_out_alphabet_and_two_drawers(made):
+    folder, manifest = made
+    _, alphabets = held_out_characters("small1")
+    assert manifest["alphabets"] == ["Japanese_(katakana)", "Sanskrit"]  # the alphabets small1 lacks, 20+ characters
+    assert manifest["left_out"] == {"Tagalog": 17}
+    assert [r["alphabet"] for r in manifest["runs"]] == manifest["alphabets"] * 10  # in turn, ten runs each
+    for drawn in manifest["runs"]:
+        name, first, second = drawn["name"], drawn["training_drawer"], drawn["test_drawer"]
+        assert first != second and len(set(drawn["characters"])) == 20
+        files = dict(alphabets[drawn["alphabet"]])  # character -> {drawer: path}
+        assert set(drawn["characters"]) <= set(files) and drawn["characters"] == sorted(drawn["characters"])
+        for c, character in enumerate(drawn["characters"]):  # training image c: character c by the first drawer
+            assert (folder / name / "training" / f"class{c + 1:02d}.png").read_bytes() == files[character][
+                first
+            ].read_bytes()
+        for i, c in enumerate(drawn["answers"]):  # test item i: its character by the second drawer
+            source = files[drawn["characters"][c]][second]
+            assert (folder / name / "test" / f"item{i + 1:02d}.png").read_bytes() == source.read_bytes()
+            assert source.name.endswith(f"_{second:02d}.png")
+
+
+def test_the_runs_hold_the_same_pixels_as_the_held_out_split(made, test_classes):
+    folder, manifest = made
+    index = {n: i for i, n in enumerate(test_classes.names)}
+    for run, drawn in zip(load_runs(folder), manifest["runs"], strict=True):
+        rows = [index[f"{drawn['alphabet']}/{c}"] for c in drawn["characters"]]
+        expected_train = test_classes.images[rows, drawn["training_drawer"] - 1].float().div(255).unsqueeze(1)
+        assert torch.equal(run.train, expected_train)
+        expected_test = test_classes.images[rows, drawn["test_drawer"] - 1].float().div(255).unsqueeze(1)
+        assert torch.equal(run.test, expected_test[run.answers])
+
+
+def test_the_same_seed_writes_the_same_runs_and_another_seed_others(made, tmp_path):
+    folder, _ = made
+    again = tmp_path / "again"
+    other = tmp_path / "other"
+    make_lake_runs(again, "small1", seed=3)
+    make_lake_runs(other, "small1", seed=4)
+    assert _files(again) == _files(folder)
+    a, b = read_manifest(folder), read_manifest(other)
+    assert a["seed"] == 3 and b["seed"] == 4
+    assert [r["characters"] for r in a["runs"]] != [r["characters"] for r in b["runs"]]
+
+
+def test_bad_requests_are_named(made, tmp_path):
+    folder, _ = made
+    with pytest.raises(ValueError, match="exists"):
+        make_lake_runs(folder, "small1", seed=0)
+    with pytest.raises(ValueError, match="does not exist"):
+        make_lake_runs(tmp_path / "no" / "runs", "small1", seed=0)
+    with pytest.raises(ValueError, match="background"):
+        make_lake_runs(tmp_path / "runs", "small3", seed=0)
+    with pytest.raises(ValueError, match="seed"):
+        make_lake_runs(tmp_path / "runs", "small1", seed=-1)
+    assert not (tmp_path / "runs").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(DataError, match="make_lake_runs"):
+        read_manifest(tmp_path)
+
+
+def test_lake_runs_are_kept_in_the_cache_and_reused(tmp_path):
+    cache = tmp_path / "cache"
+    folder = lake_runs("small1", 5, cache=cache)
+    assert folder == cache / "lake_runs" / "small1-seed5" and len(load_runs(folder)) == 20
+    stamp = (folder / MANIFEST_FILE).stat().st_mtime_ns
+    assert lake_runs("small1", 5, cache=cache) == folder and (folder / MANIFEST_FILE).stat().st_mtime_ns == stamp
+    manifest = read_manifest(folder)
+    manifest["seed"] = 6
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="delete it"):
+        lake_runs("small1", 5, cache=cache)
+
+
+def test_make_runs_on_the_command_line(tmp_path, capsys):
+    out = tmp_path / "runs"
+    code, stdout, err = run_cli(["make-runs", "--seed", "3", "--out", out], capsys)
+    assert code == 0, err
+    assert "Japanese_(katakana) (10 runs), Sanskrit (10 runs); Tagalog left out" in stdout
+    assert stdout.strip().splitlines()[-1] == f"runs: {out}"
+    assert read_manifest(out)["seed"] == 3
+    for args, needle in [
+        (["make-runs", "--out", out], "exists"),
+        (["make-runs", "--out", tmp_path / "no" / "runs"], "does not exist"),
+        (["make-runs", "--background", "small3", "--out", tmp_path / "x"], "--background must be one of"),
+        (["make-runs", "--seed", "-2"], "--seed"),
+    ]:
+        code, _, err = run_cli(args, capsys)
+        assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """One tiny checkpoint of every kind the command line writes."""
+    folder = tmp_path_factory.mktemp("ckpts")
+    paths = {}
+    for algorithm in ("maml", "fomaml", "anil", "protonet"):
+        paths[algorithm] = folder / f"{algorithm}.pt"
+        code = run_cli(
+            ["train", "omniglot", "--out", paths[algorithm], "--algorithm", algorithm, *TINY, "--no-progress"],
+            _NoCapture(),
+        )[0]
+        assert code == 0
+    paths["classifier"] = folder / "classifier.pt"
+    pretrain = ["pretrain", "omniglot", "--out", paths["classifier"], "--hidden", "4", "--iterations", "3"]
+    assert run_cli([*pretrain, "--batch-size", "8", "--no-progress"], _NoCapture())[0] == 0
+    return paths
+
+
+class _NoCapture:
+    """Stands in for pytest's capsys in a module-scoped fixture."""
+
+    def readouterr(self):
+        return "", ""
+
+
+@pytest.mark.parametrize("kind", ["maml", "fomaml", "anil", "protonet", "classifier"])
+def test_evaluate_runs_takes_every_checkpoint_the_command_line_writes(kind, checkpoints, made, tmp_path, capsys):
+    folder, _ = made
+    code, out, err = run_cli(["evaluate-runs", "--checkpoint", checkpoints[kind], "--runs", folder], capsys)
+    lines = out.strip().splitlines()
+    assert code == 0, err
+    assert len(lines) == 21 and lines[0].startswith("run01: error ")
+    value = float(lines[-1].removeprefix("error_percent: "))
+    per_run = [float(line.split("error ")[1].rstrip("%")) for line in lines[:20]]
+    assert value == pytest.approx(sum(per_run) / 20, abs=0.006)
+    assert value == pytest.approx(
+        100 * (1 - runs_accuracy(checkpoints[kind], load_runs(folder)).mean().item()), abs=0.006
+    )
+    # on runs whose test items copy the training images, nearest prototype makes no error
+    if kind in ("protonet", "classifier"):
+        copies = tmp_path / "copies"
+        make_runs(copies)
+        code, out, _ = run_cli(["evaluate-runs", "--checkpoint", checkpoints[kind], "--runs", copies], capsys)
+        assert code == 0 and out.strip().splitlines()[-1] == "error_percent: 0.00"
+
+
+def test_a_classifier_takes_no_inner_steps(checkpoints, made, capsys):
+    folder, _ = made
+    code, _, err = run_cli(
+        ["evaluate-runs", "--checkpoint", checkpoints["classifier"], "--runs", folder, "--steps", "3"], capsys
+    )
+    assert code == 2 and "nearest prototype" in err and "--steps" in err
+
+
+# --- same-alphabet episodes -----------------------------------------------------------------------------------
+
+
+def lettered(sizes: dict[str, int], drawings: int = 4) -> ImageClasses:
+    """Classes named 'Alphabet/cN', ``sizes[alphabet]`` of each; class c's pixels hold c."""
+    names = tuple(f"{a}/c{i}" for a, n in sizes.items() for i in range(n))
+    values = torch.arange(len(names), dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, drawings, 2, 2)
+    return ImageClasses(values.contiguous(), names)
+
+
+def test_same_alphabet_tasks_draw_every_way_from_one_alphabet():
+    classes = lettered({"A": 6, "B": 3, "C": 5})
+    sampler = EpisodeSampler(classes, ways=4, shots=1, queries=1, same_alphabet=True)
+    assert sampler.alphabets == ("A", "C")  # B has fewer than 4 classes
+    sampler.sample(300, torch.Generator().manual_seed(0))
+    assert sampler.last_classes is not None
+    seen = set()
+    for row in sampler.last_classes.tolist():
+        alphabets = {classes.names[c].split("/")[0] for c in row}
+        assert len(alphabets) == 1 and len(set(row)) == 4
+        seen |= alphabets
+    assert seen == {"A", "C"}
+    # without the option, tasks mix alphabets
+    mixed = EpisodeSampler(classes, ways=4, shots=1, queries=1)
+    mixed.sample(50, torch.Generator().manual_seed(0))
+    assert mixed.last_classes is not None
+    assert any(len({classes.names[c].split("/")[0] for c in row}) > 1 for row in mixed.last_classes.tolist())
+
+
+def test_a_rotated_alphabet_is_an_alphabet_of_its_own():
+    classes = lettered({"A": 5, "B": 5}).with_rotations()
+    groups, index = alphabet_groups(classes.names)
+    assert groups == ("A", "A/rot180", "A/rot270", "A/rot90", "B", "B/rot180", "B/rot270", "B/rot90")
+    assert index.tolist()[:4] == [0, 3, 1, 2]  # class 0 and its three rotations
+    sampler = EpisodeSampler(classes, ways=5, shots=1, queries=1, same_alphabet=True)
+    sampler.sample(200, torch.Generator().manual_seed(1))
+    assert sampler.last_classes is not None
+    keys = {frozenset(groups[index[c]] for c in row) for row in sampler.last_classes.tolist()}
+    assert all(len(k) == 1 for k in keys) and len(keys) == 8
+
+
+def test_same_alphabet_needs_an_alphabet_as_large_as_a_task():
+    with pytest.raises(ValueError, match="at least ways=4"):
+        EpisodeSampler(lettered({"A": 3, "B": 3}), ways=4, shots=1, queries=1, same_alphabet=True)
+    with pytest.raises(ValueError, match="same_alphabet"):
+        EpisodeSampler(lettered({"A": 3}), ways=2, shots=1, queries=1, same_alphabet="yes")  # type: ignore[arg-type]
+
+
+def test_small1_gives_twenty_way_tasks_within_each_alphabet_and_rotation():
+    classes = load_split("small1", "train")
+    sampler = EpisodeSampler(classes, ways=20, shots=1, queries=1, same_alphabet=True)
+    assert len(sampler.alphabets) == 5 * 4  # every alphabet of small1 has 20 characters or more, at each rotation
+    batch = sampler.sample(100, torch.Generator().manual_seed(2))
+    assert batch.x_spt.shape == (100, 20, 1, 28, 28)
+    assert sampler.last_classes is not None
+    groups, index = alphabet_groups(classes.names)
+    assert all(len({int(index[c]) for c in row}) == 1 for row in sampler.last_classes.tolist())
+
+
+def test_train_same_alphabet_and_distorted_from_the_library_and_the_command_line(tmp_path, capsys):
+    classes = load_split("small1", "train")
+    config = FewShotConfig(ways=3, queries=1, hidden=4, meta_batch_size=2, iterations=2, same_alphabet=True)
+    _, history = train(config, classes, tmp_path / "lib.pt", progress=False)
+    assert len(history.loss) == 2
+    assert load_model(tmp_path / "lib.pt")[1].same_alphabet is True
+    out = tmp_path / "cli.pt"
+    args = ["train", "omniglot", "--out", out, *TINY, "--same-alphabet", "--distort", "0.5", "--no-progress"]
+    code, _, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert load_model(out)[1].same_alphabet is True and load_model(out)[1].distort == 0.5
+    # checkpoints written before the options existed read as without them
+    state = torch.load(out, weights_only=True)
+    del state["config"]["same_alphabet"], state["config"]["distort"]
+    torch.save(state, tmp_path / "old.pt")
+    old = load_model(tmp_path / "old.pt")[1]
+    assert old.same_alphabet is False and old.distort == 0.0
+
+
+# --- small affine distortions of the training drawings ---------------------------------------------------------
+
+
+def test_distortion_keeps_the_episode_and_moves_the_ink_a_little():
+    classes = load_split("small1", "train")
+    plain = EpisodeSampler(classes, ways=5, shots=1, queries=2)
+    moved = EpisodeSampler(classes, ways=5, shots=1, queries=2, distort=1.0)
+    almost = EpisodeSampler(classes, ways=5, shots=1, queries=2, distort=1e-6)
+    a, b, c = (s.sample(6, torch.Generator().manual_seed(7)) for s in (plain, moved, almost))
+    assert torch.equal(plain.last_classes, moved.last_classes)  # its random numbers come after the episode's
+    assert torch.equal(a.y_spt, b.y_spt) and torch.equal(a.y_qry, b.y_qry)
+    assert torch.allclose(a.x_spt, c.x_spt, atol=1e-4) and torch.allclose(a.x_qry, c.x_qry, atol=1e-4)  # identity
+    assert (a.x_spt - b.x_spt).abs().mean() > 0.02  # visibly moved
+    assert b.x_spt.min() >= 0 and b.x_spt.max() <= 1
+    ink = a.x_spt.sum((-1, -2, -3))
+    assert ((b.x_spt.sum((-1, -2, -3)) - ink).abs() < 0.3 * ink).all()  # scaled by at most 10% per axis
+    again = moved.sample(6, torch.Generator().manual_seed(7))
+    assert torch.equal(again.x_spt, b.x_spt)
+
+
+def test_a_shift_moves_the_centre_of_the_ink_by_at_most_two_pixels(monkeypatch):
+    import metabp.episodes as episodes
+
+    monkeypatch.setattr(episodes, "DISTORTION", {"degrees": 0.0, "shear": 0.0, "scale": 0.0, "shift": 2.0})
+    x = torch.zeros(50, 1, 28, 28)
+    x[:, :, 12:16, 10:14] = 1.0
+    y = episodes.distort_images(x, 1.0, torch.Generator().manual_seed(0))
+    grid = torch.arange(28.0)
+
+    def centre(img):
+        mass = img.sum((-1, -2))
+        return torch.stack([(img.sum(-1) * grid).sum(-1) / mass, (img.sum(-2) * grid).sum(-1) / mass], -1)
+
+    move = (centre(y) - centre(x)).squeeze(1)
+    assert move.abs().max() <= 2.0 + 1e-4 and move.abs().max() > 1.0
+    assert torch.allclose(y.sum((-1, -2)), x.sum((-1, -2)), rtol=1e-4)  # a shift keeps all the ink
+
+
+def test_bad_distortions_are_named():
+    classes = lettered({"A": 4})
+    for bad in (-0.1, 2.5, True, "1"):
+        with pytest.raises(ValueError, match="distort"):
+            EpisodeSampler(classes, ways=2, shots=1, queries=1, distort=bad)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="distort"):
+            FewShotConfig(distort=bad)  # type: ignore[arg-type]
