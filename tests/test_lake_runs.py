@@ -4,6 +4,7 @@ and same-alphabet training episodes."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,22 @@ def test_evaluate_runs_takes_every_checkpoint_the_command_line_writes(kind, chec
         make_runs(copies)
         code, out, _ = run_cli(["evaluate-runs", "--checkpoint", checkpoints[kind], "--runs", copies], capsys)
         assert code == 0 and out.strip().splitlines()[-1] == "error_percent: 0.00"
+
+
+COMMITTED = sorted((Path(__file__).resolve().parents[1] / "notebooks" / "checkpoints").glob("*.pt"))
+
+
+def test_the_lake_learner_is_committed():
+    assert "omniglot_lake.pt" in [p.name for p in COMMITTED]
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=[p.name for p in COMMITTED])
+def test_evaluate_runs_takes_every_committed_checkpoint(path, made, capsys):
+    folder, _ = made
+    code, out, err = run_cli(["evaluate-runs", "--checkpoint", path, "--runs", folder], capsys)
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert len(lines) == 21 and 0 <= float(lines[-1].removeprefix("error_percent: ")) <= 100
 
 
 def test_a_classifier_takes_no_inner_steps(checkpoints, made, capsys):
