@@ -10,8 +10,10 @@ line per (checkpoint, seed) with the 20 per-run errors, then prints a summary:
     python benchmarks/lake_runs.py --summary benchmarks/lake_runs.jsonl   # the summary again
 
 ``--checkpoint NAME=PATH`` (repeatable) scores other checkpoints instead; ``--steps K`` and
-``--inner-lr A`` change a gradient learner's adaptation at test time (as evaluate-runs does), and
-``--prototypes`` scores a gradient learner by nearest prototype on its body's features instead.
+``--inner-lr A`` change a gradient learner's adaptation at test time (as evaluate-runs does),
+``--prototypes`` scores a gradient learner by nearest prototype on its body's features instead, and
+``--augment N [--strength S]`` averages a prototype learner's features over each image and N
+distorted copies (test-time augmentation, as evaluate-runs --augment does).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="inner steps at test time")
     parser.add_argument("--inner-lr", type=float, default=None, help="inner step size at test time")
     parser.add_argument("--prototypes", action="store_true", help="nearest prototype on the body's features")
+    parser.add_argument("--augment", type=int, default=0, help="test-time augmentation: distorted copies per image")
+    parser.add_argument("--strength", type=float, default=1.0, help="strength of those distortions (0 to 2)")
     parser.add_argument("--out", type=Path, default=None, help="JSON lines to write (appended)")
     parser.add_argument("--summary", type=Path, default=None, help="only summarise this file")
     parser.add_argument(
@@ -118,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = load_model(ROOT / path)[0]
                 acc = protonet.accuracy(model, runs_as_tasks(runs))
             else:
-                acc = runs_accuracy(ROOT / path, runs, args.steps, args.inner_lr)  # an absolute path stays as it is
+                # an absolute path stays as it is
+                acc = runs_accuracy(ROOT / path, runs, args.steps, args.inner_lr, "cpu", args.augment, args.strength)
             rows.append(
                 {
                     "checkpoint": name,
@@ -127,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": args.steps,
                     "inner_lr": args.inner_lr,
                     "prototypes": args.prototypes,
+                    "augment": args.augment,
+                    "strength": args.strength if args.augment else None,
                     "errors": [round(100.0 * (1.0 - a), 2) for a in acc.tolist()],
                     "seconds": round(time.perf_counter() - start, 2),
                 }

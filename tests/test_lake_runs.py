@@ -342,3 +342,62 @@ def test_bad_distortions_are_named():
             EpisodeSampler(classes, ways=2, shots=1, queries=1, distort=bad)  # type: ignore[arg-type]
         with pytest.raises(ValueError, match="distort"):
             FewShotConfig(distort=bad)  # type: ignore[arg-type]
+
+
+# --- test-time augmentation -------------------------------------------------------------------------------------
+
+
+def test_test_time_augmentation_averages_each_images_features_over_its_distorted_copies(checkpoints, made):
+    from metabp import protonet
+    from metabp.episodes import distort_images
+    from metabp.omniglot_runs import runs_as_tasks
+
+    model = load_model(checkpoints["protonet"])[0]
+    tasks = runs_as_tasks(load_runs(made[0])[:4])
+    got = protonet.accuracy(model, tasks, augment=3, strength=1.5, seed=11)
+    # the same by hand: copies drawn for the whole batch, support then query, copy by copy
+    g = torch.Generator().manual_seed(11)
+    copies = [(tasks.x_spt, tasks.x_qry)]
+    for _ in range(3):
+        copies.append((distort_images(tasks.x_spt, 1.5, g), distort_images(tasks.x_qry, 1.5, g)))
+    want = []
+    with torch.no_grad():
+        for t in range(4):
+            z = sum(model.embed(torch.cat([s[t], q[t]])) for s, q in copies) / 4
+            spt, qry = z[:20], z[20:]  # one training image per class, in class order
+            want.append((torch.cdist(qry, spt).argmin(-1) == tasks.y_qry[t]).float().mean())
+    assert torch.allclose(got, torch.stack(want))
+    plain = protonet.accuracy(model, tasks)
+    assert not torch.equal(got, plain)  # the copies change the answer somewhere
+    assert torch.equal(protonet.accuracy(model, tasks, augment=1, strength=0.0), plain)  # undistorted copies
+    assert torch.equal(protonet.accuracy(model, tasks, augment=3, strength=1.5, seed=11), got)  # seeded
+    with pytest.raises(ValueError, match="augment"):
+        protonet.accuracy(model, tasks, augment=-1)
+    with pytest.raises(ValueError, match="strength"):
+        protonet.accuracy(model, tasks, augment=2, strength=2.5)
+
+
+def test_evaluate_runs_augments_the_learners_scored_by_nearest_prototype(checkpoints, made, capsys):
+    folder, _ = made
+    for kind in ("protonet", "classifier"):
+        code, out, err = run_cli(
+            ["evaluate-runs", "--checkpoint", checkpoints[kind], "--runs", folder, "--augment", "2"], capsys
+        )
+        assert code == 0, err
+        value = float(out.strip().splitlines()[-1].removeprefix("error_percent: "))
+        expected = runs_accuracy(checkpoints[kind], load_runs(folder), augment=2, strength=1.0)
+        assert value == pytest.approx(100 * (1 - expected.mean().item()), abs=0.006)
+
+
+@pytest.mark.parametrize(
+    ("kind", "extra", "message"),
+    [
+        ("maml", ["--augment", "2"], "--augment applies only to learners scored by nearest prototype"),
+        ("protonet", ["--augment", "-1"], "--augment must be >= 0"),
+        ("protonet", ["--augment", "2", "--strength", "3"], "--strength must be from 0 to 2"),
+        ("protonet", ["--steps", "3"], "no inner loop"),
+    ],
+)
+def test_bad_test_time_options_are_named(kind, extra, message, checkpoints, made, capsys):
+    code, _, err = run_cli(["evaluate-runs", "--checkpoint", checkpoints[kind], "--runs", made[0], *extra], capsys)
+    assert code == 2 and message in err

@@ -19,7 +19,8 @@ Commands:
   writes: MAML, first-order MAML and ANIL adapt by gradient steps, prototypical
   networks compare with prototypes, and a ``pretrain`` classifier is scored by
   nearest prototype on its features (its body's embedding, as a prototypical
-  network's; no fine-tuning, so nothing to tune).
+  network's; no fine-tuning, so nothing to tune). ``--augment COPIES`` averages
+  the features of the latter two over each image and COPIES distorted copies of it.
 * ``make-runs [--background small1] [--seed S] [--out FOLDER]``: 20 seeded
   within-alphabet 20-way 1-shot runs built as Lake et al. built theirs, from the
   alphabets the background set holds out, in the official layout
@@ -223,6 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--runs", type=Path, default=None, help="folder holding run01 .. run20 (default: download all_runs.zip)"
     )
     _add_adaptation(runs)
+    runs.add_argument(
+        "--augment",
+        type=int,
+        default=0,
+        metavar="COPIES",
+        help="test-time augmentation for learners scored by nearest prototype (protonet, pretrain omniglot): "
+        "average each image's features over it and COPIES distorted copies (default 0: none)",
+    )
+    runs.add_argument("--strength", type=float, default=1.0, help="strength (0 to 2) of those distortions (default 1)")
     _add_common(runs)
 
     make = commands.add_parser(
@@ -530,12 +540,17 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
+    if args.augment < 0:
+        raise ValueError(f"--augment must be >= 0 (distorted copies of each image; 0 = none), got {args.augment}")
+    if not 0 <= args.strength <= 2:
+        raise ValueError(f"--strength must be from 0 to 2, got {args.strength}")
     checkpoint.load(args.checkpoint)  # a missing or damaged checkpoint is named before any download
     runs = load_runs(fetch_runs() if args.runs is None else args.runs)
     try:
-        acc = runs_accuracy(args.checkpoint, runs, args.steps, args.inner_lr, device)
+        acc = runs_accuracy(args.checkpoint, runs, args.steps, args.inner_lr, device, args.augment, args.strength)
     except ValueError as problem:
-        raise ValueError(str(problem).replace("steps and inner_lr", "--steps and --inner-lr")) from None
+        message = str(problem).replace("steps and inner_lr", "--steps and --inner-lr")
+        raise ValueError(message.replace("augment applies", "--augment applies")) from None
     errors = [100.0 * (1.0 - a) for a in acc.tolist()]
     for run, err in zip(runs, errors, strict=True):
         print(f"{run.name}: error {err:.1f}%")

@@ -134,6 +134,13 @@ def alphabet_groups(names: tuple[str, ...]) -> tuple[tuple[str, ...], Tensor]:
 DISTORTION = {"degrees": 10.0, "shear": 0.15, "scale": 0.1, "shift": 2.0}
 
 
+def check_strength(strength: float) -> float:
+    """Return ``strength`` if it is a number from 0 to 2 (a distortion strength), else raise ``ValueError``."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 2:
+        raise ValueError(f"strength must be a number from 0 to 2, got {strength!r}")
+    return strength
+
+
 def distort_images(x: Tensor, strength: float, generator: torch.Generator | None = None) -> Tensor:
     """Every image of ``x`` ``(..., 1, H, W)`` through its own small random affine map.
 
@@ -146,8 +153,7 @@ def distort_images(x: Tensor, strength: float, generator: torch.Generator | None
     """
     import torch.nn.functional as F
 
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0 <= strength <= 2:
-        raise ValueError(f"strength must be a number from 0 to 2, got {strength!r}")
+    check_strength(strength)
     if strength == 0:
         return x
     flat = x.reshape(-1, *x.shape[-3:])

@@ -100,6 +100,8 @@ def runs_accuracy(
     steps: int | None = None,
     inner_lr: float | None = None,
     device: str | torch.device = "cpu",
+    augment: int = 0,
+    strength: float = 1.0,
 ) -> Tensor:
     """Accuracy ``(len(runs),)`` on each run of the checkpoint at ``path``, whatever wrote it.
 
@@ -114,14 +116,21 @@ def runs_accuracy(
     takes the label of the nearest training image. It has no head for the run's classes
     and nothing is fine-tuned, so there is no step size to choose.
 
+    ``augment`` and ``strength`` turn on test-time augmentation for the learners scored by
+    nearest prototype (prototypical networks and classifiers): each image's features are
+    the mean over the image and ``augment`` distorted copies (:func:`metabp.protonet.accuracy`,
+    seed 0).
+
     Raises:
-        ValueError: ``steps`` or ``inner_lr`` given for a learner without an inner loop.
+        ValueError: ``steps`` or ``inner_lr`` given for a learner without an inner loop,
+            ``augment`` for one with an inner loop, or a bad ``augment`` or ``strength``.
         CheckpointError: the file is not a checkpoint of either kind.
     """
     from . import checkpoint, protonet
     from .fewshot import accuracy, load_model
     from .transfer import load_classifier
 
+    nonnegative_int("augment", augment)
     tasks = runs_as_tasks(runs).to(device)
     if checkpoint.load(path).get("kind") == "classifier":
         if steps is not None or inner_lr is not None:
@@ -129,8 +138,19 @@ def runs_accuracy(
                 f"{path} is a pretrained classifier, scored by nearest prototype on its features: "
                 "steps and inner_lr do not apply"
             )
-        return protonet.accuracy(load_classifier(path)[0].to(device), tasks).cpu()
+        return protonet.accuracy(load_classifier(path)[0].to(device), tasks, None, augment, strength).cpu()
     model, config, _ = load_model(path, device)
+    if config.algorithm == "protonet":
+        if steps is not None or inner_lr is not None:
+            raise ValueError(
+                f"{path} is a prototypical network, which has no inner loop: steps and inner_lr do not apply"
+            )
+        return protonet.accuracy(model, tasks, 50, augment, strength).cpu()
+    if augment:
+        raise ValueError(
+            f"{path} is a {config.algorithm} checkpoint, which adapts by gradient steps: augment applies "
+            "only to learners scored by nearest prototype (protonet, or a classifier of pretrain omniglot)"
+        )
     if steps is not None:
         nonnegative_int("steps", steps)
     return accuracy(model, tasks, config, None if steps is None else [steps], inner_lr)[-1].cpu()

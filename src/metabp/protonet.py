@@ -67,16 +67,52 @@ def loss(model: Embedder, batch: TaskBatch, embed: Embed | None = None) -> Tenso
     return vmap(one_task)(*batch).mean()
 
 
-def accuracy(model: Embedder, batch: TaskBatch, chunk_size: int | None = None) -> Tensor:
-    """Query accuracy of every task, ``(B,)``, without gradients."""
+def accuracy(
+    model: Embedder,
+    batch: TaskBatch,
+    chunk_size: int | None = None,
+    augment: int = 0,
+    strength: float = 1.0,
+    seed: int = 0,
+) -> Tensor:
+    """Query accuracy of every task, ``(B,)``, without gradients.
+
+    Args:
+        model: a network with an ``embed`` method.
+        batch: test episodes.
+        chunk_size: tasks per ``vmap`` chunk.
+        augment: test-time augmentation: every image is also embedded as ``augment``
+            distorted copies (:func:`metabp.episodes.distort_images` at ``strength``), and
+            its feature vector is the mean of the ``augment + 1`` embeddings; 0 (default)
+            embeds each image once. Each copy of an episode is embedded as one batch, as the
+            image itself is, so batch normalisation sees a whole episode every time.
+        strength: strength (0 to 2) of the distortions.
+        seed: seeds the distortions (drawn for the whole batch, copy by copy, support
+            before query), so a result depends on the batch's tasks and their order.
+    """
+    from .checks import nonnegative_int
+    from .episodes import check_strength, distort_images
+
     check_task_batch(batch)
+    nonnegative_int("augment", augment)
+    check_strength(strength)
     ways = _ways(batch)
+    generator = torch.Generator().manual_seed(seed)
+    copies_spt, copies_qry = [batch.x_spt], [batch.x_qry]
+    for _ in range(augment):
+        copies_spt.append(distort_images(batch.x_spt, strength, generator))
+        copies_qry.append(distort_images(batch.x_qry, strength, generator))
+
+    def mean_embed(x: Tensor) -> Tensor:
+        # x (n, copies, C, H, W): each copy of the episode as one batch, then the mean over copies
+        return torch.stack([model.embed(x[:, k]) for k in range(x.shape[1])]).mean(0)
 
     def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
-        return (logits(model.embed, x_spt, y_spt, x_qry, ways).argmax(-1) == y_qry).float().mean()
+        return (logits(mean_embed, x_spt, y_spt, x_qry, ways).argmax(-1) == y_qry).float().mean()
 
     with torch.no_grad():
-        return vmap(one_task, chunk_size=chunk_size)(*batch)
+        x_spt, x_qry = torch.stack(copies_spt, 2), torch.stack(copies_qry, 2)  # (B, n, copies, C, H, W)
+        return vmap(one_task, chunk_size=chunk_size)(x_spt, batch.y_spt, x_qry, batch.y_qry)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBatch) -> float:
