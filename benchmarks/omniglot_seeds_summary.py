@@ -20,8 +20,9 @@ PUBLISHED = {"5w1s": 98.7, "5w5s": 99.9, "20w1s": 95.8}  # Finn et al. (2017), T
 
 
 def label(run: dict) -> str:
-    native = run.get("ATEN_CPU_CAPABILITY", "(unset: native)").startswith("(unset")
-    return f"seed {run['seed']}" + ("" if native else f" ({run['cpu_capability']})")
+    from metabp.evaluation import is_native
+
+    return f"seed {run['seed']}" + ("" if is_native(run) else f" ({run['cpu_capability']})")
 
 
 def numbers(run: dict) -> dict[str, list[float]]:

@@ -319,3 +319,30 @@ def test_best_setting_chooses_on_validation_and_skips_diverged_settings():
         best_setting(losses, [1, 10], at=5)
     with pytest.raises(ValueError, match="diverged"):
         best_setting({"b": losses["b"]}, [1, 10])
+
+
+def test_seed_records_keep_the_native_kernel_path_by_seed_and_name_a_bad_line(tmp_path):
+    import json
+
+    from metabp.evaluation import seed_records
+
+    path = tmp_path / "seeds.jsonl"
+    lines = [
+        {"seed": 2, "ATEN_CPU_CAPABILITY": "(unset: native)"},
+        {"seed": 0, "ATEN_CPU_CAPABILITY": "default"},
+        {"seed": 1},
+        {"seed": 0, "ATEN_CPU_CAPABILITY": "(unset: native)"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in lines) + "\n\n")
+    assert [(r["seed"], r.get("ATEN_CPU_CAPABILITY")) for r in seed_records(path)] == [
+        (0, "(unset: native)"),
+        (1, None),
+        (2, "(unset: native)"),
+    ]
+    assert [r["seed"] for r in seed_records(path, native_only=False)] == [0, 0, 1, 2]
+    path.write_text('{"seed": 0}\n{"seed": "one"}\n')
+    with pytest.raises(ValueError, match="line 2: expected a JSON object with an integer 'seed'"):
+        seed_records(path)
+    path.write_text('{"seed": 0}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2: not JSON"):
+        seed_records(path)

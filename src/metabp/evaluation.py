@@ -173,3 +173,48 @@ def best_setting(
     if best is None:
         raise ValueError("scores: every setting diverged (a non-finite score); try smaller step sizes")
     return best[1], best[2]
+
+
+#: How the benchmark scripts record a run made without ``ATEN_CPU_CAPABILITY`` set.
+NATIVE_KERNELS = "(unset: native)"
+
+
+def is_native(record: Mapping[str, Any]) -> bool:
+    """Whether a benchmark record was computed on the machine's native kernel path.
+
+    The seed benchmarks (``benchmarks/*_seeds.py``) store ``ATEN_CPU_CAPABILITY`` in every
+    record, ``"(unset: native)"`` when it was not set; a record without the field is native.
+    """
+    return str(record.get("ATEN_CPU_CAPABILITY", NATIVE_KERNELS)).startswith("(unset")
+
+
+def seed_records(path: str | Any, native_only: bool = True) -> list[dict[str, Any]]:
+    """The JSON lines of a committed seed benchmark's result file, sorted by ``seed``.
+
+    Args:
+        path: a ``.jsonl`` file, one JSON object with a ``seed`` per line (blank lines skipped).
+        native_only: keep only the records of the native kernel path (:func:`is_native`);
+            the files also hold reruns with ``ATEN_CPU_CAPABILITY=default`` that check portability.
+
+    Raises:
+        ValueError: a line is not a JSON object with an integer ``seed``, naming the file and line.
+    """
+    import json
+    from pathlib import Path
+
+    records = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as problem:
+            raise ValueError(f"{path}, line {number}: not JSON ({problem.msg})") from None
+        if (
+            not isinstance(record, dict)
+            or isinstance(record.get("seed"), bool)
+            or not isinstance(record.get("seed"), int)
+        ):
+            raise ValueError(f"{path}, line {number}: expected a JSON object with an integer 'seed'")
+        records.append(record)
+    return sorted((r for r in records if is_native(r) or not native_only), key=lambda r: r["seed"])
