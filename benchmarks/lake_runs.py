@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             if args.prototypes:
                 model = load_model(ROOT / path)[0]
-                acc = protonet.accuracy(model, runs_as_tasks(runs))
+                acc = protonet.accuracy(model, runs_as_tasks(runs), None, args.augment, args.strength)
             else:
                 # an absolute path stays as it is
                 acc = runs_accuracy(ROOT / path, runs, args.steps, args.inner_lr, "cpu", args.augment, args.strength)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -188,7 +189,7 @@ def is_native(record: Mapping[str, Any]) -> bool:
     return str(record.get("ATEN_CPU_CAPABILITY", NATIVE_KERNELS)).startswith("(unset")
 
 
-def seed_records(path: str | Any, native_only: bool = True) -> list[dict[str, Any]]:
+def seed_records(path: str | os.PathLike[str], native_only: bool = True) -> list[dict[str, Any]]:
     """The JSON lines of a committed seed benchmark's result file, sorted by ``seed``.
 
     Args:
