@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -189,7 +189,7 @@ def is_native(record: Mapping[str, Any]) -> bool:
     return str(record.get("ATEN_CPU_CAPABILITY", NATIVE_KERNELS)).startswith("(unset")
 
 
-def seed_records(path: str | os.PathLike[str], native_only: bool = True) -> list[dict[str, Any]]:
+def seed_records(path: Path | str, native_only: bool = True) -> list[dict[str, Any]]:
     """The JSON lines of a committed seed benchmark's result file, sorted by ``seed``.
 
     Args:
@@ -201,7 +201,6 @@ def seed_records(path: str | os.PathLike[str], native_only: bool = True) -> list
         ValueError: a line is not a JSON object with an integer ``seed``, naming the file and line.
     """
     import json
-    from pathlib import Path
 
     records = []
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
