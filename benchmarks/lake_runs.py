@@ -108,21 +108,24 @@ def main(argv: list[str] | None = None) -> int:
 
     from metabp import protonet
     from metabp.fewshot import load_model
-    from metabp.omniglot_runs import lake_runs, load_runs, runs_accuracy, runs_as_tasks
+    from metabp.omniglot_runs import image_size, lake_runs, load_runs, runs_accuracy, runs_as_tasks
 
     torch.set_num_threads(1)
     checkpoints = DEFAULT if args.checkpoint is None else dict(c.split("=", 1) for c in args.checkpoint)
     rows = []
     for seed in args.seeds:
         folder = lake_runs("small1", seed)
-        runs = load_runs(folder)
+        at_size: dict[int, list] = {}  # the runs at each checkpoint's image size, read once
         for name, path in checkpoints.items():
+            size = image_size(ROOT / path)  # an absolute path stays as it is
+            if size not in at_size:
+                at_size[size] = load_runs(folder, size)
+            runs = at_size[size]
             start = time.perf_counter()
             if args.prototypes:
                 model = load_model(ROOT / path)[0]
                 acc = protonet.accuracy(model, runs_as_tasks(runs), None, args.augment, args.strength)
             else:
-                # an absolute path stays as it is
                 acc = runs_accuracy(ROOT / path, runs, args.steps, args.inner_lr, "cpu", args.augment, args.strength)
             rows.append(
                 {

@@ -11,6 +11,7 @@ from metabp.convnet import Conv4, TaskBatchNorm2d, vmap_safe
 from metabp.episodes import EpisodeSampler
 from metabp.fewshot import ALGORITHMS, FewShotConfig, accuracy, build_model, load_model, train, train_step
 from metabp.omniglot import load_split
+from metabp.tasks import TaskBatch
 
 TINY = dict(hidden=8, meta_batch_size=2, iterations=6, queries=2, ways=3)
 
@@ -126,6 +127,28 @@ def test_vmap_safe_second_order_vmap_equals_the_loop_through_builtin_batch_norm(
     assert _max_rel_diff(vec, loop) < 1e-10
 
 
+def test_protonet_loss_by_loop_equals_the_vmapped_one(batch):
+    """The loop over tasks (what training uses) and vmap give one loss and one gradient.
+
+    The tasks of ``batch`` differ, so a loop that scored one task for another, or
+    normalised over the whole meta-batch, would differ too."""
+    torch.manual_seed(0)
+    model = Conv4(ways=5, hidden=8).double()
+    b = _double(batch)
+    results = []
+    for vectorize in (True, False):
+        model.zero_grad(set_to_none=True)
+        loss = protonet.loss(model, b, vectorize=vectorize)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.features.parameters()]))  # the head is unused
+    (lv, gv), (ll, gl) = results
+    assert torch.allclose(lv, ll, rtol=1e-12, atol=0)
+    for a, c in zip(gv, gl, strict=True):
+        assert torch.allclose(a, c, rtol=1e-9, atol=1e-12)
+    one = protonet.loss(model, TaskBatch(*(t[:1] for t in b)), vectorize=False)
+    assert not torch.allclose(one, ll)  # the tasks differ: the check above can tell a wrong task apart
+
+
 def test_prototypes_are_class_means():
     z = torch.tensor([[0.0, 0.0], [2.0, 0.0], [5.0, 5.0]])
     y = torch.tensor([0, 0, 1])
@@ -175,6 +198,10 @@ def test_resume_refuses_another_configuration(classes, tmp_path):
         (dict(inner_lr=-0.1), "inner_lr"),
         (dict(iterations=0), "iterations"),
         (dict(cosine="yes"), "cosine"),
+        (dict(image_size=7), "image_size must be an integer from 8 to 105"),
+        (dict(image_size=106), "image_size must be an integer from 8 to 105"),
+        (dict(image_size=28.0), "image_size"),
+        (dict(image_size=True), "image_size"),
     ],
 )
 def test_bad_configuration_is_named(kwargs, name):

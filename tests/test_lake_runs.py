@@ -19,6 +19,7 @@ from metabp.omniglot_runs import (
     MANIFEST_FILE,
     RUNS,
     held_out_characters,
+    image_size,
     lake_runs,
     load_runs,
     make_lake_runs,
@@ -295,6 +296,67 @@ def test_train_same_alphabet_and_distorted_from_the_library_and_the_command_line
     torch.save(state, tmp_path / "old.pt")
     old = load_model(tmp_path / "old.pt")[1]
     assert old.same_alphabet is False and old.distort == 0.0
+
+
+# --- image size ------------------------------------------------------------------------------------------------
+
+
+def test_a_learner_trained_at_another_image_size_is_scored_at_that_size(checkpoints, made, tmp_path, capsys):
+    folder, _ = made
+    out = tmp_path / "px16.pt"
+    code, _, err = run_cli(
+        ["train", "omniglot", "--out", out, "--algorithm", "protonet", *TINY, "--image-size", "16"], capsys
+    )
+    assert code == 0, err
+    assert load_model(out)[1].image_size == 16 and image_size(out) == 16
+    assert image_size(checkpoints["classifier"]) == image_size(checkpoints["maml"]) == 28
+    at16 = runs_accuracy(out, load_runs(folder, 16))
+    assert torch.equal(runs_accuracy(out, folder), at16)  # a folder is read at the checkpoint's size
+    with pytest.raises(ValueError, match=r"trained on 16-pixel drawings but the runs hold 28x28 images.*size=16"):
+        runs_accuracy(out, load_runs(folder))
+    code, text, err = run_cli(["evaluate-runs", "--checkpoint", out, "--runs", folder], capsys)
+    assert code == 0, err
+    assert float(text.strip().splitlines()[-1].removeprefix("error_percent: ")) == pytest.approx(
+        100 * (1 - at16.mean().item()), abs=0.006
+    )
+    # checkpoints written before the field existed were trained at 28 pixels
+    state = torch.load(out, weights_only=True)
+    del state["config"]["image_size"]
+    torch.save(state, tmp_path / "old.pt")
+    assert image_size(tmp_path / "old.pt") == 28 and load_model(tmp_path / "old.pt")[1].image_size == 28
+
+
+def test_evaluate_reads_the_held_out_split_at_the_checkpoints_size(tmp_path, capsys, monkeypatch):
+    import metabp.omniglot
+
+    out = tmp_path / "px20.pt"
+    code, _, err = run_cli(
+        ["train", "omniglot", "--out", out, "--algorithm", "protonet", *TINY, "--image-size", "20"], capsys
+    )
+    assert code == 0, err
+    real, sizes = metabp.omniglot.load_split, []
+
+    def recording(*args, **kwargs):
+        classes = real(*args, **kwargs)
+        sizes.append(tuple(classes.images.shape[-2:]))
+        return classes
+
+    monkeypatch.setattr(metabp.omniglot, "load_split", recording)
+    code, text, err = run_cli(["evaluate", "omniglot", "--checkpoint", out, "--ways", "5", "--tasks", "4"], capsys)
+    assert code == 0, err
+    assert sizes == [(20, 20)] and "5-way 1-shot accuracy" in text
+
+
+def test_training_refuses_drawings_of_another_size_and_bad_sizes_are_named(tmp_path, capsys):
+    classes = load_split("small1", "train")  # 28 pixels
+    with pytest.raises(ValueError, match=r"config.image_size is 32: load them with load_split\(..., size=32\)"):
+        train(FewShotConfig(ways=3, hidden=4, iterations=1, image_size=32), classes, progress=False)
+    assert load_split("small1", "train", size=32).images.shape[-2:] == (32, 32)
+    with pytest.raises(ValueError, match="size must be an integer from 8 to 105"):
+        load_split("small1", "train", size=200)
+    code, _, err = run_cli(["train", "omniglot", "--out", tmp_path / "x.pt", "--image-size", "4"], capsys)
+    assert code == 2 and "image_size must be an integer from 8 to 105 pixels" in err
+    assert not (tmp_path / "x.pt").exists()
 
 
 # --- small affine distortions of the training drawings ---------------------------------------------------------

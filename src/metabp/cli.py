@@ -144,6 +144,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "cosine": "decay the meta learning rate along a cosine",
         "same_alphabet": "draw all ways of a training task from one alphabet (Lake et al.'s within-alphabet tasks)",
         "distort": "strength (0 to 2) of small random affine distortions of the training drawings (default 0)",
+        "image_size": "side of the drawings in pixels, 8 to 105 (default 28); also what evaluation uses",
     }
     for f in fields(FewShotConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -364,7 +365,7 @@ def _train(args: argparse.Namespace) -> int:
         config = FewShotConfig.from_dict(stored)
         if not group.main:
             group.barrier()  # rank 0 fetches the data first
-        classes = load_split(config.background, "train")
+        classes = load_split(config.background, "train", size=config.image_size)
         if group.main:
             group.barrier()
         try:
@@ -511,7 +512,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be {allowed}, got {value}")
     device = _device(args.device)
     model, config, _ = load_model(args.checkpoint, device)
-    classes = load_split(config.background, "test").to(device)
+    classes = load_split(config.background, "test", size=config.image_size).to(device)
     if args.ways > len(classes):
         raise ValueError(f"--ways must be at most the {len(classes)} held-out classes, got {args.ways}")
     if args.shots + args.queries > classes.drawings:
@@ -534,8 +535,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_runs(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .omniglot_runs import fetch_runs, load_runs, runs_accuracy
+    from .omniglot_runs import fetch_runs, image_size, load_runs, runs_accuracy
 
     device = _device(args.device)
     if args.steps is not None and args.steps < 0:
@@ -544,8 +544,8 @@ def _evaluate_runs(args: argparse.Namespace) -> int:
         raise ValueError(f"--augment must be >= 0 (distorted copies of each image; 0 = none), got {args.augment}")
     if not 0 <= args.strength <= 2:
         raise ValueError(f"--strength must be from 0 to 2, got {args.strength}")
-    checkpoint.load(args.checkpoint)  # a missing or damaged checkpoint is named before any download
-    runs = load_runs(fetch_runs() if args.runs is None else args.runs)
+    size = image_size(args.checkpoint)  # a missing or damaged checkpoint is named before any download
+    runs = load_runs(fetch_runs() if args.runs is None else args.runs, size)
     try:
         acc = runs_accuracy(args.checkpoint, runs, args.steps, args.inner_lr, device, args.augment, args.strength)
     except ValueError as problem:

@@ -66,6 +66,10 @@ class FewShotConfig:
             :class:`~metabp.episodes.EpisodeSampler`).
         distort: strength (0 to 2) of a small random affine distortion of every
             training drawing (:func:`~metabp.episodes.distort_images`); 0, none, by default.
+        image_size: side of the drawings in pixels (28 by default, up to Omniglot's 105):
+            the network sees them at this resolution in training and at test time. Conv4
+            averages its last feature map, so it takes any size; the cost of an update
+            grows about as the square of the size.
     """
 
     algorithm: str = "maml"
@@ -83,11 +87,13 @@ class FewShotConfig:
     seed: int = 0
     same_alphabet: bool = False
     distort: float = 0.0
+    image_size: int = 28
 
     def __post_init__(self) -> None:
-        from .omniglot import BACKGROUNDS
+        from .omniglot import BACKGROUNDS, check_image_size
 
         one_of("algorithm", self.algorithm, ALGORITHMS)
+        check_image_size(self.image_size)
         one_of("background", self.background, tuple(BACKGROUNDS))
         if isinstance(self.ways, bool) or not isinstance(self.ways, int) or self.ways < 2:
             raise ValueError(f"ways must be an integer >= 2, got {self.ways!r}")
@@ -135,12 +141,13 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBa
     gradient is not finite.
     """
     optimizer.zero_grad(set_to_none=True)
+    # A Python loop over the episodes, for every algorithm. For MAML and its variants it is
+    # exact through batch norm (vmap's second derivatives of nn.BatchNorm2d are not, see
+    # metabp.convnet); for all of them it is, on a CPU, no slower than vmap for this network
+    # (a prototypical network's update is 1.3 to 2.4 times faster, benchmarks/protonet_loop.py).
     if config.algorithm == "protonet":
-        loss = protonet.loss(cast(protonet.Embedder, model), batch)  # a network with embed, as Conv4
+        loss = protonet.loss(cast(protonet.Embedder, model), batch, vectorize=False)  # Conv4 has embed
     else:
-        # A Python loop over the episodes: exact through batch norm (vmap's second
-        # derivatives of nn.BatchNorm2d are not, see metabp.convnet) and, on a CPU,
-        # no slower than vmap for this network.
         inner = config.inner
         assert inner is not None  # every algorithm but protonet has an inner loop
         loss = meta_loss(model, get_params(model), batch, inner, vectorize=False)
@@ -229,7 +236,7 @@ def train(
 
     Args:
         config: the run (with ``resume``, it must equal the checkpoint's).
-        classes: meta-training classes, e.g. ``load_split(config.background, 'train')``.
+        classes: meta-training classes, e.g. ``load_split(config.background, 'train', size=config.image_size)``.
         out: checkpoint file, written every ``checkpoint_every`` iterations and at the end.
         resume: continue from ``out`` (which must exist) instead of starting afresh.
             On a CPU the resumed run ends with exactly the parameters of an
@@ -251,6 +258,11 @@ def train(
     if stop_after is not None:
         positive_int("stop_after", stop_after)
     device = torch.device(device)
+    if tuple(classes.images.shape[-2:]) != (config.image_size, config.image_size):
+        raise ValueError(
+            f"classes hold {tuple(classes.images.shape[-2:])} images but config.image_size is {config.image_size}: "
+            f"load them with load_split(..., size={config.image_size})"
+        )
     state = None
     if resume:
         if out is None:

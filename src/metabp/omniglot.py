@@ -64,12 +64,26 @@ COUNTS: dict[str, tuple[int, int]] = {
     "images_background_small2": (5, 156),
 }
 DRAWINGS = 20
+#: Side of the images in pixels by default (as in MAML and prototypical networks), and the
+#: range a caller may ask for: from MIN_IMAGE_SIZE up to the drawings' own 105 pixels.
 IMAGE_SIZE = 28
+MIN_IMAGE_SIZE = 8
+MAX_IMAGE_SIZE = 105
 CACHE_VERSION = 2
 #: Seconds a download waits for the server (to connect, and for each read) before it gives up.
 DOWNLOAD_TIMEOUT = 60.0
 #: The file, inside an extracted folder, that lists what extraction put there.
 MANIFEST = ".metabp-manifest.json"
+
+
+def check_image_size(size: object, name: str = "image_size") -> int:
+    """``size`` if it is an integer from ``MIN_IMAGE_SIZE`` (8) to ``MAX_IMAGE_SIZE`` (105), else ValueError."""
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(
+            f"{name} must be an integer from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels "
+            f"(Omniglot's drawings are {MAX_IMAGE_SIZE} pixels square), got {size!r}"
+        )
+    return size
 
 
 def archive_url(name: str) -> str:
@@ -400,6 +414,7 @@ def load_archive(
     (default ``$METABP_CACHE/omniglot``).
     """
     one_of("name", name, tuple(ARCHIVES))
+    check_image_size(size, "size")
     target = cache_file(name, size, cache)
     if target.exists() and (found := _read_cache(target, name, size)) is not None:
         return found
@@ -427,6 +442,7 @@ def load_split(
     download: bool = True,
     rotations: bool = True,
     cache: Path | str | None = None,
+    size: int = IMAGE_SIZE,
 ) -> ImageClasses:
     """The meta-training or meta-testing classes of a background split, by alphabet.
 
@@ -445,18 +461,19 @@ def load_split(
             al., 2016). Without them the held-out tasks are harder: fewer, and more
             similar, characters to tell apart.
         cache: where extracted folders and caches are kept (default ``$METABP_CACHE/omniglot``).
+        size: side of the images in pixels, from 8 to 105 (the drawings' own size; 28 by default).
 
     Returns:
-        :class:`~metabp.episodes.ImageClasses` with images ``(C, 20, 28, 28)``;
+        :class:`~metabp.episodes.ImageClasses` with images ``(C, 20, size, size)``;
         class ``4 c + a`` is character ``c`` turned by ``90 a`` degrees.
     """
     one_of("background", background, tuple(BACKGROUNDS))
     one_of("part", part, ("train", "test"))
     train_name, other_name = BACKGROUNDS[background]
-    train = load_archive(train_name, root, download, cache=cache)
+    train = load_archive(train_name, root, download, size, cache)
     if part == "train":
         classes = train
     else:
         seen = set(train.alphabets)
-        classes = load_archive(other_name, root, download, cache=cache).select(lambda n: n.split("/")[0] not in seen)
+        classes = load_archive(other_name, root, download, size, cache).select(lambda n: n.split("/")[0] not in seen)
     return classes.with_rotations() if rotations else classes

@@ -74,8 +74,9 @@ LAKE_RUNS_VERSION = 1
 
 @dataclass(frozen=True)
 class OneShotRun:
-    """One run: ``train`` and ``test`` images ``(20, 1, 28, 28)`` in file order
-    (class01.., item01..), and ``answers[i]``, the index in ``train`` of test item i."""
+    """One run: ``train`` and ``test`` images ``(20, 1, size, size)`` in file order
+    (class01.., item01..; 28 pixels unless :func:`load_runs` was asked for another
+    size), and ``answers[i]``, the index in ``train`` of test item i."""
 
     name: str
     train: Tensor
@@ -94,9 +95,31 @@ def runs_as_tasks(runs: list[OneShotRun]) -> TaskBatch:
     return TaskBatch(x_spt, y_spt, torch.stack([r.test for r in runs]), torch.stack([r.answers for r in runs]))
 
 
+def image_size(path: Path | str) -> int:
+    """Side in pixels of the drawings the checkpoint at ``path`` was trained on.
+
+    A checkpoint of ``train omniglot`` stores it in its configuration
+    (:attr:`metabp.fewshot.FewShotConfig.image_size`; files written before that field
+    existed were trained at 28); a classifier of ``pretrain omniglot`` is trained at 28.
+
+    Raises:
+        CheckpointError: the file is not a checkpoint of either kind.
+    """
+    from . import checkpoint
+    from .fewshot import FewShotConfig
+
+    state = checkpoint.load(path)
+    if state.get("kind") == "classifier":
+        return IMAGE_SIZE
+    try:
+        return FewShotConfig.from_dict(state["config"]).image_size
+    except (KeyError, TypeError, ValueError) as err:
+        raise checkpoint.CheckpointError(f"{path} does not hold a few-shot model ({err})") from None
+
+
 def runs_accuracy(
     path: Path | str,
-    runs: list[OneShotRun],
+    runs: list[OneShotRun] | Path | str,
     steps: int | None = None,
     inner_lr: float | None = None,
     device: str | torch.device = "cpu",
@@ -104,6 +127,9 @@ def runs_accuracy(
     strength: float = 1.0,
 ) -> Tensor:
     """Accuracy ``(len(runs),)`` on each run of the checkpoint at ``path``, whatever wrote it.
+
+    ``runs`` is a list of :class:`OneShotRun` at the checkpoint's image size
+    (:func:`image_size`), or the folder of the runs, which is then read at that size.
 
     A checkpoint of ``train omniglot`` (:func:`metabp.fewshot.load_model`) is scored as
     :func:`metabp.fewshot.accuracy` scores it: MAML, first-order MAML and ANIL adapt on
@@ -123,7 +149,8 @@ def runs_accuracy(
 
     Raises:
         ValueError: ``steps`` or ``inner_lr`` given for a learner without an inner loop,
-            ``augment`` for one with an inner loop, or a bad ``augment`` or ``strength``.
+            ``augment`` for one with an inner loop, a bad ``augment`` or ``strength``, or runs
+            whose images are not of the size the checkpoint was trained on.
         CheckpointError: the file is not a checkpoint of either kind.
     """
     from . import checkpoint, protonet
@@ -131,6 +158,15 @@ def runs_accuracy(
     from .transfer import load_classifier
 
     nonnegative_int("augment", augment)
+    size = image_size(path)
+    if isinstance(runs, (str, Path)):
+        runs = load_runs(runs, size)
+    found = tuple(runs[0].train.shape[-2:]) if runs else (size, size)
+    if found != (size, size):
+        raise ValueError(
+            f"{path} was trained on {size}-pixel drawings but the runs hold {found[0]}x{found[1]} images: "
+            f"load them with load_runs(folder, size={size}), or pass the folder"
+        )
     tasks = runs_as_tasks(runs).to(device)
     if checkpoint.load(path).get("kind") == "classifier":
         if steps is not None or inner_lr is not None:
