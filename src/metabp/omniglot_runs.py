@@ -106,15 +106,21 @@ def image_size(path: Path | str) -> int:
         CheckpointError: the file is not a checkpoint of either kind.
     """
     from . import checkpoint
+
+    return _stored_image_size(checkpoint.load(path), path)
+
+
+def _stored_image_size(state: dict[str, Any], path: Path | str) -> int:
+    """:func:`image_size` of a checkpoint already loaded as ``state``."""
+    from .checkpoint import CheckpointError
     from .fewshot import FewShotConfig
 
-    state = checkpoint.load(path)
     if state.get("kind") == "classifier":
         return IMAGE_SIZE
     try:
         return FewShotConfig.from_dict(state["config"]).image_size
     except (KeyError, TypeError, ValueError) as err:
-        raise checkpoint.CheckpointError(f"{path} does not hold a few-shot model ({err})") from None
+        raise CheckpointError(f"{path} does not hold a few-shot model ({err})") from None
 
 
 def runs_accuracy(
@@ -158,7 +164,8 @@ def runs_accuracy(
     from .transfer import load_classifier
 
     nonnegative_int("augment", augment)
-    size = image_size(path)
+    state = checkpoint.load(path)  # read once: its kind and image size decide how the runs are scored
+    size = _stored_image_size(state, path)
     if isinstance(runs, (str, Path)):
         runs = load_runs(runs, size)
     found = tuple(runs[0].train.shape[-2:]) if runs else (size, size)
@@ -168,7 +175,7 @@ def runs_accuracy(
             f"load them with load_runs(folder, size={size}), or pass the folder"
         )
     tasks = runs_as_tasks(runs).to(device)
-    if checkpoint.load(path).get("kind") == "classifier":
+    if state.get("kind") == "classifier":
         if steps is not None or inner_lr is not None:
             raise ValueError(
                 f"{path} is a pretrained classifier, scored by nearest prototype on its features: "
