@@ -4,6 +4,7 @@ and same-alphabet training episodes."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -463,3 +464,45 @@ def test_evaluate_runs_augments_the_learners_scored_by_nearest_prototype(checkpo
 def test_bad_test_time_options_are_named(kind, extra, message, checkpoints, made, capsys):
     code, _, err = run_cli(["evaluate-runs", "--checkpoint", checkpoints[kind], "--runs", made[0], *extra], capsys)
     assert code == 2 and message in err
+
+
+def test_mirrors_add_each_class_mirrored_as_a_class_of_its_own():
+    images = torch.arange(2 * 3 * 3 * 3, dtype=torch.uint8).view(2, 3, 3, 3)
+    classes = ImageClasses(images, ("A/c0", "B/c1"))
+    both = classes.with_mirrors()
+    assert both.names == ("A/c0", "A/c0/mirror", "B/c1", "B/c1/mirror")
+    assert torch.equal(both.images[0::2], images)
+    assert torch.equal(both.images[1::2], images.flip(-1))
+    assert not torch.equal(both.images[1], both.images[0])
+    # a mirrored class has its alphabet's mirror image as its group, as rotations do
+    groups, _ = alphabet_groups(classes.with_rotations().with_mirrors().names)
+    assert "A/rot90/mirror" in groups and "A/mirror" in groups
+    with pytest.raises(ValueError, match="mirrored already"):
+        both.with_mirrors()
+
+
+def test_train_with_mirrors_from_the_library_and_the_command_line(tmp_path, capsys, monkeypatch):
+    import metabp.fewshot as fewshot
+
+    seen = []
+    real = fewshot.EpisodeSampler
+    monkeypatch.setattr(fewshot, "EpisodeSampler", lambda classes, *a: seen.append(classes) or real(classes, *a))
+    classes = load_split("small1", "train")
+    config = FewShotConfig(ways=3, queries=1, hidden=4, meta_batch_size=2, iterations=2, mirrors=True)
+    train(config, classes, tmp_path / "lib.pt", progress=False)
+    assert load_model(tmp_path / "lib.pt")[1].mirrors is True
+    assert len(seen[-1].names) == 2 * len(classes.names)
+    assert torch.equal(seen[-1].images[1::2].cpu(), classes.images.flip(-1))
+    train(replace(config, mirrors=False), classes, tmp_path / "plain.pt", progress=False)
+    assert len(seen[-1].names) == len(classes.names)
+    out = tmp_path / "cli.pt"
+    code, _, err = run_cli(["train", "omniglot", "--out", out, *TINY, "--mirrors", "--no-progress"], capsys)
+    assert code == 0, err
+    assert load_model(out)[1].mirrors is True and len(seen[-1].names) == 2 * len(classes.names)
+    with pytest.raises(ValueError, match="mirrors must be True or False"):
+        FewShotConfig(mirrors="yes")  # type: ignore[arg-type]
+    # checkpoints written before the option existed read as without it
+    state = torch.load(out, weights_only=True)
+    del state["config"]["mirrors"]
+    torch.save(state, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt")[1].mirrors is False

@@ -145,6 +145,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "same_alphabet": "draw all ways of a training task from one alphabet (Lake et al.'s within-alphabet tasks)",
         "distort": "strength (0 to 2) of small random affine distortions of the training drawings (default 0)",
         "image_size": "side of the drawings in pixels, 8 to 105 (default 28); also what evaluation uses",
+        "mirrors": "add each training character's mirror image as a character of its own (default: off)",
     }
     for f in fields(FewShotConfig):
         flag = "--" + f.name.replace("_", "-")

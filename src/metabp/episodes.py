@@ -91,6 +91,21 @@ class ImageClasses:
         names = tuple(n if a == 0 else f"{n}/rot{a}" for n in self.names for a in angles)
         return ImageClasses(rotated.flatten(0, 1).contiguous(), names)
 
+    def with_mirrors(self) -> ImageClasses:
+        """Every class again mirrored left to right, as a class of its own.
+
+        The same idea as :meth:`with_rotations`: a character's mirror image is taken
+        to be another character, which doubles the classes a learner can practise on.
+        Class ``c`` becomes ``2 * c`` and its mirror image ``2 * c + 1``, named
+        ``"<name>/mirror"``. Mirroring twice is refused.
+        """
+        mirrored = [n for n in self.names if n.endswith("/mirror")]
+        if mirrored:
+            raise ValueError(f"these classes are mirrored already (e.g. {mirrored[0]!r}); mirror them once")
+        both = torch.stack([self.images, torch.flip(self.images, dims=(-1,))], 1)
+        names = tuple(n + suffix for n in self.names for suffix in ("", "/mirror"))
+        return ImageClasses(both.flatten(0, 1).contiguous(), names)
+
     def to(self, device: torch.device | str) -> ImageClasses:
         return ImageClasses(self.images.to(device), self.names)
 

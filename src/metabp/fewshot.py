@@ -70,6 +70,9 @@ class FewShotConfig:
             the network sees them at this resolution in training and at test time. Conv4
             averages its last feature map, so it takes any size; the cost of an update
             grows about as the square of the size.
+        mirrors: add each training class's mirror image as a class of its own
+            (:meth:`~metabp.episodes.ImageClasses.with_mirrors`), as the rotations are;
+            :func:`train` adds them to the classes it is given. Off by default.
     """
 
     algorithm: str = "maml"
@@ -88,6 +91,7 @@ class FewShotConfig:
     same_alphabet: bool = False
     distort: float = 0.0
     image_size: int = 28
+    mirrors: bool = False
 
     def __post_init__(self) -> None:
         from .omniglot import BACKGROUNDS, check_image_size
@@ -105,7 +109,7 @@ class FewShotConfig:
         positive_float("meta_lr", self.meta_lr)
         if isinstance(self.distort, bool) or not isinstance(self.distort, (int, float)) or not 0 <= self.distort <= 2:
             raise ValueError(f"distort must be a number from 0 to 2, got {self.distort!r}")
-        for name in ("cosine", "same_alphabet"):
+        for name in ("cosine", "same_alphabet", "mirrors"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -237,6 +241,7 @@ def train(
     Args:
         config: the run (with ``resume``, it must equal the checkpoint's).
         classes: meta-training classes, e.g. ``load_split(config.background, 'train', size=config.image_size)``.
+            With ``config.mirrors``, their mirror images are added here.
         out: checkpoint file, written every ``checkpoint_every`` iterations and at the end.
         resume: continue from ``out`` (which must exist) instead of starting afresh.
             On a CPU the resumed run ends with exactly the parameters of an
@@ -263,6 +268,8 @@ def train(
             f"classes hold {tuple(classes.images.shape[-2:])} images but config.image_size is {config.image_size}: "
             f"load them with load_split(..., size={config.image_size})"
         )
+    if config.mirrors:
+        classes = classes.with_mirrors()
     state = None
     if resume:
         if out is None:
