@@ -47,9 +47,9 @@ def mean_half(values: list[float]) -> tuple[float, float]:
     return m, t95(n) * sd / math.sqrt(n)
 
 
-def summary(rows: list[dict], baselines: dict[str, str] | None = None) -> str:
-    """A table of the errors of ``rows``, then paired differences: each checkpoint against the one
-    ``baselines`` names for it (all pairs when ``baselines`` is None)."""
+def summary(rows: list[dict], baselines: list[tuple[str, str]] | None = None) -> str:
+    """A table of the errors of ``rows``, then paired differences: each ``(checkpoint, baseline)``
+    pair of ``baselines``, in order (all pairs when ``baselines`` is None)."""
     names = list(dict.fromkeys(r["checkpoint"] for r in rows))
     seeds = sorted({r["seed"] for r in rows})
     errors = {(r["checkpoint"], r["seed"]): r["errors"] for r in rows}
@@ -72,7 +72,7 @@ def summary(rows: list[dict], baselines: dict[str, str] | None = None) -> str:
     pairs = (
         [(a, b) for i, a in enumerate(names) for b in names[i + 1 :]]
         if baselines is None
-        else [(a, b) for a, b in baselines.items() if a in names and b in names]
+        else [(a, b) for a, b in baselines if a in names and b in names]
     )
     if pairs:
         out.append("")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.summary is not None:
         rows = [json.loads(line) for line in args.summary.read_text().splitlines() if line.strip()]
-        print(summary(rows, None if args.against is None else dict(a.split("=", 1) for a in args.against)))
+        print(summary(rows, None if args.against is None else [tuple(a.split("=", 1)) for a in args.against]))
         return 0
 
     import torch
