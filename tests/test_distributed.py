@@ -295,6 +295,7 @@ def test_torchrun_with_a_bad_option_fails_fast_with_one_line_per_rank(tmp_path):
             ln.startswith(line) or (f"rank {rank} of 2 lost the other processes" in ln)
             for ln in done.stderr.splitlines()
         ), done.stderr[-3000:]
+    assert "navigation:" not in done.stderr  # refused before training, so before rank 0's progress bar
     assert not (tmp_path / "x.pt").exists()
 
 

@@ -131,6 +131,9 @@ def train(args: argparse.Namespace) -> int:
 
         resume, stored = job_prelude(args, group, decide)
         config = cls.from_dict(stored)
+        # every rank refuses a meta-batch too small to share before training starts, so its one-line
+        # error is not appended to rank 0's progress bar
+        group.share(config.meta_batch_size)
         if group.distributed and group.main:
             print(f"{group.world} processes share each meta-batch of {config.meta_batch_size} tasks", file=sys.stderr)
         try:
