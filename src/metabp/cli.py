@@ -670,17 +670,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _evaluate_runs(args)
     except (ValueError, DataError, CheckpointError, DivergenceError, OSError) as err:
         text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())  # one line
-        print(f"{parser.prog}: error: {_rank_prefix()}{text}", file=sys.stderr)
+        _error_line(f"{parser.prog}: error: {_rank_prefix()}{text}")
         return 2
     except PeerError as err:
-        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        _error_line(f"{parser.prog}: error: {err}")
         return 1
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        _error_line(f"{parser.prog}: interrupted")
         return 1
     finally:
         if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _error_line(text: str) -> None:
+    """Write ``text`` and its newline to stderr in one write.
+
+    Under torchrun every rank shares one stderr. ``print`` writes the text and the newline
+    separately, and unbuffered (``PYTHONUNBUFFERED``, ``python -u``) those are two system calls, so
+    another rank's line could land between them, joining two errors on one line.
+    """
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
 
 
 def _rank_prefix() -> str:
