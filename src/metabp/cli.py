@@ -364,9 +364,6 @@ def _train(args: argparse.Namespace) -> int:
 
         resume, stored = job_prelude(args, group, decide)
         config = FewShotConfig.from_dict(stored)
-        # every rank refuses a meta-batch too small to share before training starts, so its one-line
-        # error is not appended to rank 0's progress bar
-        group.share(config.meta_batch_size)
         if not group.main:
             group.barrier()  # rank 0 fetches the data first
         classes = load_split(config.background, "train", size=config.image_size)

@@ -78,7 +78,9 @@ def job_prelude(args: argparse.Namespace, group: distributed.Group, decide: Call
 
     ``--resume`` resumes; so does a run that torchrun restarted (``--max-restarts``)
     once a checkpoint exists. ``decide(resume)`` (rank 0 only: only it needs to see
-    ``--out``) checks the files and returns the configuration to train, as a dict.
+    ``--out``) checks the files and returns the configuration to train, as a dict with a
+    ``meta_batch_size``: every rank refuses one too small to share among the processes here, before
+    training starts, so its one-line error is not appended to rank 0's progress bar.
     """
     answer = None
     if group.main:
@@ -88,6 +90,7 @@ def job_prelude(args: argparse.Namespace, group: distributed.Group, decide: Call
             resume = True
         answer = (resume, decide(resume))
     decided: tuple[bool, Any] = group.broadcast(answer)
+    group.share(decided[1]["meta_batch_size"])
     return decided
 
 
@@ -131,9 +134,6 @@ def train(args: argparse.Namespace) -> int:
 
         resume, stored = job_prelude(args, group, decide)
         config = cls.from_dict(stored)
-        # every rank refuses a meta-batch too small to share before training starts, so its one-line
-        # error is not appended to rank 0's progress bar
-        group.share(config.meta_batch_size)
         if group.distributed and group.main:
             print(f"{group.world} processes share each meta-batch of {config.meta_batch_size} tasks", file=sys.stderr)
         try:
