@@ -46,6 +46,34 @@ def test_with_ways_copies_the_body_and_averages_the_head():
     assert wide.features[0].weight.data_ptr() != model.features[0].weight.data_ptr()
 
 
+def test_grid_features_keep_the_layout_of_the_last_feature_map():
+    torch.manual_seed(0)
+    x = torch.rand(6, 1, 56, 56)
+    whole, grid = Conv4(ways=5, hidden=8), Conv4(ways=5, hidden=8, grid=4)
+    grid.features.load_state_dict(whole.features.state_dict())
+    last = whole.features(x)  # (6, 8, 4, 4) on 56-pixel drawings
+    assert last.shape[-2:] == (4, 4)
+    # grid 4 keeps every cell of the 4 x 4 map, channel by channel; grid 1 is their mean
+    assert torch.equal(grid.embed(x), last.flatten(1))
+    assert torch.allclose(whole.embed(x), grid.embed(x).view(6, 8, 16).mean(-1), atol=1e-6)
+    half = Conv4(ways=5, hidden=8, grid=2)
+    half.features.load_state_dict(whole.features.state_dict())
+    quadrants = last.view(6, 8, 2, 2, 2, 2).mean(dim=(3, 5)).flatten(1)  # means of the four 2 x 2 quadrants
+    assert torch.allclose(half.embed(x), quadrants, atol=1e-6)
+    assert grid(x).shape == (6, 5) and grid.hidden == 8 and grid.head.in_features == 8 * 16
+    wide = grid.with_ways(20)
+    assert wide.ways == 20 and wide.hidden == 8 and wide.grid == 4 and wide(x).shape == (6, 20)
+
+
+def test_a_grid_checkpoint_loads_with_its_grid(classes, tmp_path):
+    config = FewShotConfig(**{**TINY, "algorithm": "protonet", "grid": 2})
+    model, _ = train(config, classes, tmp_path / "grid.pt", progress=False)
+    loaded, stored, _ = load_model(tmp_path / "grid.pt")
+    assert stored.grid == 2 and loaded.grid == 2 and loaded.embed(torch.rand(3, 1, 28, 28)).shape == (3, 8 * 4)
+    for a, b in zip(model.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_every_learner_classifies_a_20_way_task(algorithm, classes):
     config = FewShotConfig(algorithm=algorithm, hidden=8)
@@ -195,6 +223,8 @@ def test_resume_refuses_another_configuration(classes, tmp_path):
         (dict(background="small3"), "background"),
         (dict(ways=1), "ways"),
         (dict(hidden=0), "hidden"),
+        (dict(grid=0), "grid must be a positive integer"),
+        (dict(grid=2.0), "grid"),
         (dict(inner_lr=-0.1), "inner_lr"),
         (dict(iterations=0), "iterations"),
         (dict(cosine="yes"), "cosine"),

@@ -506,3 +506,30 @@ def test_train_with_mirrors_from_the_library_and_the_command_line(tmp_path, caps
     del state["config"]["mirrors"]
     torch.save(state, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt")[1].mirrors is False
+
+
+@pytest.mark.parametrize("algorithm", ["protonet", "maml"])
+def test_a_learner_with_grid_features_is_trained_and_scored_by_the_command_line(algorithm, made, tmp_path, capsys):
+    folder, _ = made
+    out = tmp_path / "grid.pt"
+    code, _, err = run_cli(
+        ["train", "omniglot", "--out", out, "--algorithm", algorithm, *TINY, "--grid", "2", "--no-progress"], capsys
+    )
+    assert code == 0, err
+    model, config, _ = load_model(out)
+    assert config.grid == 2 and model.grid == 2 and model.head.in_features == 4 * 2 * 2
+    extra = ["--augment", "2"] if algorithm == "protonet" else []
+    code, text, err = run_cli(["evaluate-runs", "--checkpoint", out, "--runs", folder, *extra], capsys)
+    assert code == 0, err
+    expected = runs_accuracy(out, load_runs(folder), augment=2 if extra else 0)
+    assert float(text.strip().splitlines()[-1].removeprefix("error_percent: ")) == pytest.approx(
+        100 * (1 - expected.mean().item()), abs=0.006
+    )
+    # checkpoints written before the option existed read as the whole map's mean
+    state = torch.load(out, weights_only=True)
+    del state["config"]["grid"]
+    torch.save(state, tmp_path / "old.pt")
+    assert FewShotConfig.from_dict(state["config"]).grid == 1
+    code, _, err = run_cli(["train", "omniglot", "--out", tmp_path / "bad.pt", *TINY, "--grid", "0"], capsys)
+    assert code == 2 and "grid must be a positive integer" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "bad.pt").exists()

@@ -146,6 +146,7 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
         "distort": "strength (0 to 2) of small random affine distortions of the training drawings (default 0)",
         "image_size": "side of the drawings in pixels, 8 to 105 (default 28); also what evaluation uses",
         "mirrors": "add each training character's mirror image as a character of its own (default: off)",
+        "grid": "features: means of the last feature map over GRID x GRID regions (default 1: the whole map)",
     }
     for f in fields(FewShotConfig):
         flag = "--" + f.name.replace("_", "-")

@@ -84,6 +84,11 @@ class Conv4(nn.Module):
         ways: outputs of the head (classes per task).
         hidden: filters per convolution (64 in MAML).
         in_channels: image channels (1 for Omniglot).
+        grid: the features are the means of the last feature map over ``grid x grid``
+            regions (``torch.nn.functional.adaptive_avg_pool2d``), so
+            ``hidden * grid**2`` numbers that keep where on the image a stroke is; 1
+            (default) is the mean over the whole map. On 56-pixel drawings the last map
+            is 4 x 4, so ``grid=4`` keeps all of it.
 
     ``forward(x)`` maps images ``(n, in_channels, H, W)`` to logits ``(n, ways)``;
     ``embed(x)`` gives the features ``(n, hidden)`` before the head (what ANIL keeps
@@ -91,11 +96,13 @@ class Conv4(nn.Module):
     Parameter names: ``features.*`` for the body, ``head.weight``/``head.bias``.
     """
 
-    def __init__(self, ways: int = 5, hidden: int = 64, in_channels: int = 1) -> None:
+    def __init__(self, ways: int = 5, hidden: int = 64, in_channels: int = 1, grid: int = 1) -> None:
         super().__init__()
         positive_int("ways", ways)
         positive_int("hidden", hidden)
         positive_int("in_channels", in_channels)
+        positive_int("grid", grid)
+        self.grid = grid
         layers: list[nn.Module] = []
         channels = in_channels
         for _ in range(4):
@@ -106,7 +113,7 @@ class Conv4(nn.Module):
             ]
             channels = hidden
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(hidden, ways)
+        self.head = nn.Linear(hidden * grid * grid, ways)
 
     @property
     def ways(self) -> int:
@@ -114,12 +121,15 @@ class Conv4(nn.Module):
 
     @property
     def hidden(self) -> int:
-        return self.head.in_features
+        """Filters per convolution."""
+        return self.head.in_features // (self.grid * self.grid)
 
     def embed(self, x: Tensor) -> Tensor:
-        """Features ``(n, hidden)`` of images ``(n, C, H, W)``."""
+        """Features ``(n, hidden * grid**2)`` of images ``(n, C, H, W)``."""
         features: Tensor = self.features(x)
-        return features.mean(dim=(-2, -1))
+        if self.grid == 1:
+            return features.mean(dim=(-2, -1))
+        return nn.functional.adaptive_avg_pool2d(features, self.grid).flatten(1)
 
     def forward(self, x: Tensor) -> Tensor:
         out: Tensor = self.head(self.embed(x))
@@ -142,7 +152,7 @@ class Conv4(nn.Module):
             else:
                 weight = self.head.weight.mean(0, keepdim=True).expand(ways, -1).clone()
                 bias = self.head.bias.mean().expand(ways).clone()
-        new.head = nn.Linear(self.hidden, ways).to(weight.device)
+        new.head = nn.Linear(self.head.in_features, ways).to(weight.device)
         with torch.no_grad():
             new.head.weight.copy_(weight)
             new.head.bias.copy_(bias)

@@ -73,6 +73,9 @@ class FewShotConfig:
         mirrors: add each training class's mirror image as a class of its own
             (:meth:`~metabp.episodes.ImageClasses.with_mirrors`), as the rotations are;
             :func:`train` adds them to the classes it is given. Off by default.
+        grid: the network's features are the means of its last feature map over
+            ``grid x grid`` regions (:class:`~metabp.convnet.Conv4`), so they keep the
+            layout of a drawing; 1 (default) averages the whole map.
     """
 
     algorithm: str = "maml"
@@ -92,6 +95,7 @@ class FewShotConfig:
     distort: float = 0.0
     image_size: int = 28
     mirrors: bool = False
+    grid: int = 1
 
     def __post_init__(self) -> None:
         from .omniglot import BACKGROUNDS, check_image_size
@@ -101,7 +105,7 @@ class FewShotConfig:
         one_of("background", self.background, tuple(BACKGROUNDS))
         if isinstance(self.ways, bool) or not isinstance(self.ways, int) or self.ways < 2:
             raise ValueError(f"ways must be an integer >= 2, got {self.ways!r}")
-        for name in ("shots", "queries", "hidden", "meta_batch_size", "iterations"):
+        for name in ("shots", "queries", "hidden", "meta_batch_size", "iterations", "grid"):
             positive_int(name, getattr(self, name))
         nonnegative_int("inner_steps", self.inner_steps)
         nonnegative_int("seed", self.seed)
@@ -135,7 +139,7 @@ class FewShotConfig:
 
 def build_model(config: FewShotConfig) -> Conv4:
     """The Conv4 network of ``config`` (its head has ``config.ways`` outputs)."""
-    return Conv4(config.ways, config.hidden)
+    return Conv4(config.ways, config.hidden, grid=config.grid)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBatch, config: FewShotConfig) -> float:
