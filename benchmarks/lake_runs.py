@@ -13,7 +13,10 @@ line per (checkpoint, seed) with the 20 per-run errors, then prints a summary:
 ``--inner-lr A`` change a gradient learner's adaptation at test time (as evaluate-runs does),
 ``--prototypes`` scores a gradient learner by nearest prototype on its body's features instead, and
 ``--augment N [--strength S]`` averages a prototype learner's features over each image and N
-distorted copies (test-time augmentation, as evaluate-runs --augment does).
+distorted copies (test-time augmentation, as evaluate-runs --augment does). ``--ensemble
+NAME=PATH1,PATH2,...`` (repeatable) scores prototype learners of one image size voting together
+(:func:`metabp.protonet.ensemble_accuracy`: each learner's squared distances in a run, divided by their
+mean there, summed), with the same copies for every learner.
 """
 
 from __future__ import annotations
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--checkpoint", action="append", default=None, metavar="NAME=PATH")
+    parser.add_argument(
+        "--ensemble", action="append", default=None, metavar="NAME=PATH1,PATH2,...", help="prototype learners voting"
+    )
     parser.add_argument("--steps", type=int, default=None, help="inner steps at test time")
     parser.add_argument("--inner-lr", type=float, default=None, help="inner step size at test time")
     parser.add_argument("--prototypes", action="store_true", help="nearest prototype on the body's features")
@@ -111,18 +117,34 @@ def main(argv: list[str] | None = None) -> int:
     from metabp.omniglot_runs import image_size, lake_runs, load_runs, runs_accuracy, runs_as_tasks
 
     torch.set_num_threads(1)
-    checkpoints = DEFAULT if args.checkpoint is None else dict(c.split("=", 1) for c in args.checkpoint)
+    ensembles = {} if args.ensemble is None else {n: p.split(",") for n, p in (e.split("=", 1) for e in args.ensemble)}
+    checkpoints = {} if args.checkpoint is None else dict(c.split("=", 1) for c in args.checkpoint)
+    if not checkpoints and not ensembles:
+        checkpoints = DEFAULT
+    for name, paths in ensembles.items():
+        if args.steps is not None or args.inner_lr is not None or args.prototypes:
+            raise SystemExit(f"--ensemble {name}: --steps, --inner-lr and --prototypes do not apply to an ensemble")
+        sizes = {image_size(ROOT / path) for path in paths}
+        if len(sizes) != 1:
+            raise SystemExit(f"--ensemble {name}: its learners must share one image size, got {sorted(sizes)}")
+        for path in paths:
+            if load_model(ROOT / path)[1].algorithm != "protonet":
+                raise SystemExit(f"--ensemble {name}: {path} is not a prototypical network")
+        checkpoints[name] = ",".join(paths)
     rows = []
     for seed in args.seeds:
         folder = lake_runs("small1", seed)
         at_size: dict[int, list] = {}  # the runs at each checkpoint's image size, read once
         for name, path in checkpoints.items():
-            size = image_size(ROOT / path)  # an absolute path stays as it is
+            size = image_size(ROOT / path.split(",")[0])  # an absolute path stays as it is
             if size not in at_size:
                 at_size[size] = load_runs(folder, size)
             runs = at_size[size]
             start = time.perf_counter()
-            if args.prototypes:
+            if name in ensembles:
+                models = [load_model(ROOT / p)[0] for p in ensembles[name]]
+                acc = protonet.ensemble_accuracy(models, runs_as_tasks(runs), None, args.augment, args.strength)
+            elif args.prototypes:
                 model = load_model(ROOT / path)[0]
                 acc = protonet.accuracy(model, runs_as_tasks(runs), None, args.augment, args.strength)
             else:
@@ -135,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": args.steps,
                     "inner_lr": args.inner_lr,
                     "prototypes": args.prototypes,
+                    "ensemble": name in ensembles,
                     "augment": args.augment,
                     "strength": args.strength if args.augment else None,
                     "errors": [round(100.0 * (1.0 - a), 2) for a in acc.tolist()],

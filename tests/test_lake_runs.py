@@ -440,6 +440,46 @@ def test_test_time_augmentation_averages_each_images_features_over_its_distorted
         protonet.accuracy(model, tasks, augment=2, strength=2.5)
 
 
+class _Scaled(torch.nn.Module):
+    """A learner whose features are another's times a constant."""
+
+    def __init__(self, model, factor):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def embed(self, x):
+        return self.factor * self.model.embed(x)
+
+
+def test_an_ensemble_sums_each_learners_distances_divided_by_their_mean_in_the_task(checkpoints, made):
+    from metabp import protonet
+    from metabp.omniglot_runs import runs_as_tasks
+    from metabp.transfer import load_classifier
+
+    first, second = load_model(checkpoints["protonet"])[0], load_classifier(checkpoints["classifier"])[0]
+    tasks = runs_as_tasks(load_runs(made[0])[:6])
+    got = protonet.ensemble_accuracy([first, second], tasks)
+    want = []
+    with torch.no_grad():
+        for t in range(6):
+            total = 0
+            for model in (first, second):
+                z = model.embed(torch.cat([tasks.x_spt[t], tasks.x_qry[t]]))
+                d = torch.cdist(z[20:], z[:20]).pow(2)  # one training image per class, in class order
+                total = total + d / d.mean()
+            want.append((total.argmin(-1) == tasks.y_qry[t]).float().mean())
+    assert torch.allclose(got, torch.stack(want))
+    # one learner alone is that learner; the scale of a learner's features does not change its weight
+    for model in (first, second):
+        alone = protonet.accuracy(model, tasks, augment=2, seed=3)
+        assert torch.equal(protonet.ensemble_accuracy([model], tasks, augment=2, seed=3), alone)
+    assert torch.equal(protonet.ensemble_accuracy([first, _Scaled(second, 1000.0)], tasks), got)
+    assert torch.equal(protonet.ensemble_accuracy([_Scaled(first, 1e-3), second], tasks), got)
+    for bad in ([], first):
+        with pytest.raises(ValueError, match="non-empty sequence"):
+            protonet.ensemble_accuracy(bad, tasks)
+
+
 def test_evaluate_runs_augments_the_learners_scored_by_nearest_prototype(checkpoints, made, capsys):
     folder, _ = made
     for kind in ("protonet", "classifier"):

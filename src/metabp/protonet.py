@@ -13,7 +13,7 @@ batch normalisation sees the whole episode.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import torch
@@ -74,7 +74,7 @@ def loss(model: Embedder, batch: TaskBatch, embed: Embed | None = None, vectoriz
     return vmap(one_task)(*batch).mean()
 
 
-def accuracy(
+def augmented_logits(
     model: Embedder,
     batch: TaskBatch,
     chunk_size: int | None = None,
@@ -82,7 +82,7 @@ def accuracy(
     strength: float = 1.0,
     seed: int = 0,
 ) -> Tensor:
-    """Query accuracy of every task, ``(B,)``, without gradients.
+    """Negative squared distances ``(B, Q, ways)`` of every task's queries to its prototypes, without gradients.
 
     Args:
         model: a network with an ``embed`` method.
@@ -114,12 +114,53 @@ def accuracy(
         # x (n, copies, C, H, W): each copy of the episode as one batch, then the mean over copies
         return torch.stack([model.embed(x[:, k]) for k in range(x.shape[1])]).mean(0)
 
-    def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor, y_qry: Tensor) -> Tensor:
-        return (logits(mean_embed, x_spt, y_spt, x_qry, ways).argmax(-1) == y_qry).float().mean()
+    def one_task(x_spt: Tensor, y_spt: Tensor, x_qry: Tensor) -> Tensor:
+        return logits(mean_embed, x_spt, y_spt, x_qry, ways)
 
     with torch.no_grad():
         x_spt, x_qry = torch.stack(copies_spt, 2), torch.stack(copies_qry, 2)  # (B, n, copies, C, H, W)
-        return vmap(one_task, chunk_size=chunk_size)(x_spt, batch.y_spt, x_qry, batch.y_qry)
+        return vmap(one_task, chunk_size=chunk_size)(x_spt, batch.y_spt, x_qry)
+
+
+def accuracy(
+    model: Embedder,
+    batch: TaskBatch,
+    chunk_size: int | None = None,
+    augment: int = 0,
+    strength: float = 1.0,
+    seed: int = 0,
+) -> Tensor:
+    """Query accuracy of every task, ``(B,)``, without gradients: each query takes the label of
+    the nearest prototype. Arguments as :func:`augmented_logits`."""
+    scores = augmented_logits(model, batch, chunk_size, augment, strength, seed)
+    return (scores.argmax(-1) == batch.y_qry).float().mean(-1)
+
+
+def ensemble_accuracy(
+    models: Sequence[Embedder],
+    batch: TaskBatch,
+    chunk_size: int | None = None,
+    augment: int = 0,
+    strength: float = 1.0,
+    seed: int = 0,
+) -> Tensor:
+    """Query accuracy ``(B,)`` of several prototype learners voting together.
+
+    Each learner's squared distances in a task (:func:`augmented_logits`, every learner
+    with the same distorted copies) are divided by their mean over the task's queries and
+    prototypes, so that each learner weighs the same whatever the scale of its features;
+    a query takes the label whose distances, summed over the learners, are smallest. With
+    one learner this is :func:`accuracy`.
+    """
+    if isinstance(models, nn.Module) or len(models) == 0:
+        raise ValueError("models must be a non-empty sequence of networks with an embed method")
+    total = None
+    for model in models:
+        scores = augmented_logits(model, batch, chunk_size, augment, strength, seed)
+        scores = scores / (-scores).mean(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+        total = scores if total is None else total + scores
+    assert total is not None  # models is not empty
+    return (total.argmax(-1) == batch.y_qry).float().mean(-1)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: TaskBatch) -> float:
