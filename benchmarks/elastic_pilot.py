@@ -22,7 +22,6 @@ configuration), scored by ``benchmarks/lake_runs.py --checkpoint NAME=PILOT.pt [
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ROOT = Path(__file__).resolve().parents[1]
 CELLS = 4  # control points per side of the warp's coarse grid
 PIXELS = 1.5  # largest displacement at strength 1, in pixels per 28
 
@@ -71,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("tta needs --checkpoint NAME=PATH")
 
     import metabp.episodes as episodes
-    from metabp import protonet
 
     episodes.distort_images = with_elastic(episodes.distort_images, args.elastic)  # read at call time
     torch.set_num_threads(1)
@@ -89,32 +86,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"elastic {args.elastic:g}: {args.iterations} updates in {seconds:.0f} s, final loss {final:.3f}")
         return 0
 
-    from metabp.fewshot import load_model
-    from metabp.omniglot_runs import image_size, lake_runs, load_runs, runs_as_tasks
+    # scored as benchmarks/lake_runs.py scores any learner, with 16 copies that now also bend
+    sys.path.insert(0, str(Path(__file__).parent))
+    import lake_runs
 
     name, path = args.checkpoint.split("=", 1)
-    model = load_model(ROOT / path)[0]
-    size = image_size(ROOT / path)
-    rows = []
-    for seed in args.seeds:
-        start = time.perf_counter()
-        acc = protonet.accuracy(model, runs_as_tasks(load_runs(lake_runs("small1", seed), size)), None, 16, 1.0)
-        rows.append(
-            {
-                "checkpoint": f"{name}_tta16_elastic{args.elastic:g}",
-                "path": str(path),
-                "seed": seed,
-                "augment": 16,
-                "strength": 1.0,
-                "elastic": args.elastic,
-                "errors": [round(100.0 * (1.0 - a), 2) for a in acc.tolist()],
-                "seconds": round(time.perf_counter() - start, 2),
-            }
-        )
-        print(f"{rows[-1]['checkpoint']} seed {seed}: {sum(rows[-1]['errors']) / 20:.2f}%", file=sys.stderr)
-    with args.out.open("a") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    return 0
+    seeds = [str(seed) for seed in args.seeds]
+    return lake_runs.main(
+        ["--checkpoint", f"{name}_tta16_elastic{args.elastic:g}={path}", "--augment", "16", "--seeds", *seeds]
+        + ["--out", str(args.out)]
+    )
 
 
 if __name__ == "__main__":

@@ -121,29 +121,32 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = {} if args.checkpoint is None else dict(c.split("=", 1) for c in args.checkpoint)
     if not checkpoints and not ensembles:
         checkpoints = DEFAULT
+    sizes = {name: image_size(ROOT / path) for name, path in checkpoints.items()}  # an absolute path stays as it is
+    voters = {}  # ensemble name -> its learners, each read once
     for name, paths in ensembles.items():
         if args.steps is not None or args.inner_lr is not None or args.prototypes:
             raise SystemExit(f"--ensemble {name}: --steps, --inner-lr and --prototypes do not apply to an ensemble")
-        sizes = {image_size(ROOT / path) for path in paths}
-        if len(sizes) != 1:
-            raise SystemExit(f"--ensemble {name}: its learners must share one image size, got {sorted(sizes)}")
-        for path in paths:
-            if load_model(ROOT / path)[1].algorithm != "protonet":
+        learners = {path: load_model(ROOT / path) for path in paths}
+        found = {config.image_size for _, config, _ in learners.values()}
+        if len(found) != 1:
+            raise SystemExit(f"--ensemble {name}: its learners must share one image size, got {sorted(found)}")
+        for path, (_, config, _) in learners.items():
+            if config.algorithm != "protonet":
                 raise SystemExit(f"--ensemble {name}: {path} is not a prototypical network")
-        checkpoints[name] = ",".join(paths)
+        voters[name] = [model for model, _, _ in learners.values()]
+        checkpoints[name], sizes[name] = ",".join(paths), found.pop()
     rows = []
     for seed in args.seeds:
         folder = lake_runs("small1", seed)
         at_size: dict[int, list] = {}  # the runs at each checkpoint's image size, read once
         for name, path in checkpoints.items():
-            size = image_size(ROOT / path.split(",")[0])  # an absolute path stays as it is
+            size = sizes[name]
             if size not in at_size:
                 at_size[size] = load_runs(folder, size)
             runs = at_size[size]
             start = time.perf_counter()
-            if name in ensembles:
-                models = [load_model(ROOT / p)[0] for p in ensembles[name]]
-                acc = protonet.ensemble_accuracy(models, runs_as_tasks(runs), None, args.augment, args.strength)
+            if name in voters:
+                acc = protonet.ensemble_accuracy(voters[name], runs_as_tasks(runs), None, args.augment, args.strength)
             elif args.prototypes:
                 model = load_model(ROOT / path)[0]
                 acc = protonet.accuracy(model, runs_as_tasks(runs), None, args.augment, args.strength)
@@ -157,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                     "steps": args.steps,
                     "inner_lr": args.inner_lr,
                     "prototypes": args.prototypes,
-                    "ensemble": name in ensembles,
+                    "ensemble": name in voters,
                     "augment": args.augment,
                     "strength": args.strength if args.augment else None,
                     "errors": [round(100.0 * (1.0 - a), 2) for a in acc.tolist()],
