@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"--ensemble {name}: {path} is not a prototypical network")
         voters[name] = [model for model, _, _ in learners.values()]
         checkpoints[name], sizes[name] = ",".join(paths), found.pop()
+    # --prototypes: each learner read once, not once per run set
+    bodies = {name: load_model(ROOT / path)[0] for name, path in checkpoints.items()} if args.prototypes else {}
     rows = []
     for seed in args.seeds:
         folder = lake_runs("small1", seed)
@@ -148,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             if name in voters:
                 acc = protonet.ensemble_accuracy(voters[name], runs_as_tasks(runs), None, args.augment, args.strength)
             elif args.prototypes:
-                model = load_model(ROOT / path)[0]
-                acc = protonet.accuracy(model, runs_as_tasks(runs), None, args.augment, args.strength)
+                acc = protonet.accuracy(bodies[name], runs_as_tasks(runs), None, args.augment, args.strength)
             else:
                 acc = runs_accuracy(ROOT / path, runs, args.steps, args.inner_lr, "cpu", args.augment, args.strength)
             rows.append(
