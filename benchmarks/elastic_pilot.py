@@ -9,7 +9,7 @@ pilot, not a library option: it replaces ``distort_images`` for the length of th
 
     # test-time copies with the warp, for the committed learner (rows LEARNER_tta16_elasticE)
     OMP_NUM_THREADS=1 METABP_DATA=../shared/data python benchmarks/elastic_pilot.py tta --elastic 1 \\
-        --checkpoint lake96=notebooks/checkpoints/omniglot_lake.pt --out benchmarks/lake_pilot.jsonl
+        --checkpoint lake96=notebooks/checkpoints/omniglot_lake96.pt --out benchmarks/lake_pilot.jsonl
 
     # the one-thread 1,500-update pilot of benchmarks/lake_pilot.txt (64 filters, 56 pixels, mirror images,
     # --distort 1) with the warp in training
